@@ -46,7 +46,7 @@ def loss_shape(student_logits: torch.Tensor, reduction: str) -> tuple:
 
 
 @torch.library.register_fake("tpswarp::masked_kl_div")
-def _fake(student_logits, teacher, mask, teacher_is_logits, reduction):
+def _fake(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean"):
     return student_logits.new_empty(loss_shape(student_logits, reduction), dtype=compute_dtype(student_logits, teacher))
 
 

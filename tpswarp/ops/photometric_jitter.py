@@ -43,7 +43,7 @@ def photometric_jitter(
 
 
 @torch.library.register_fake("tpswarp::photometric_jitter")
-def _fake(image, brightness, saturation, hue, contrast, permutation, clamp):
+def _fake(image, brightness, saturation, hue, contrast, permutation=None, clamp=False):
     return empty_like_format(image, image.shape)
 
 

@@ -34,7 +34,7 @@ def tps_solve(src: torch.Tensor, dst: torch.Tensor, *, reg: float = 0.0, check_s
 
 
 @torch.library.register_fake("tpswarp::tps_solve")
-def _fake(src, dst, reg, check_singular):
+def _fake(src, dst, reg=0.0, check_singular=True):
     B, n, _ = src.shape
     return src.new_empty((B, n + 3, 2), dtype=compute_dtype(src, dst))
 
@@ -66,7 +66,8 @@ def _reference_forward(src, dst, reg=0.0, check_singular=True):
 
 def _reference_backward(grad_params, src, dst, params, reg, output_mask):
     fn = lambda s, d: reference_tps_solve(s, d, reg=reg, check_singular=False)  # noqa: E731
-    return reference_vjp(fn, (src, dst), grad_params, output_mask)
+    # contiguous: linalg.solve's backward yields column-major gradients, the fake kernel promises contiguous
+    return tuple(g.contiguous() for g in reference_vjp(fn, (src, dst), grad_params, output_mask))
 
 
 register_python_backend("tps_solve", "reference", _reference_forward, _reference_backward)

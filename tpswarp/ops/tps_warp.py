@@ -52,7 +52,7 @@ def tps_warp(
 
 
 @torch.library.register_fake("tpswarp::tps_warp")
-def _fake(image, src, params, mode, padding_mode, align_corners, fill, size):
+def _fake(image, src, params, mode="bilinear", padding_mode="zeros", align_corners=False, fill=0.0, size=None):
     B, C, H, W = image.shape
     Ho, Wo = size if size is not None else (H, W)
     out = empty_like_format(image, (B, C, Ho, Wo))
@@ -92,7 +92,9 @@ def _reference_backward(grad_out, image, src, params, mode, padding_mode, align_
     def warped(i, s, p):
         return _reference_forward(i, s, p, mode, padding_mode, align_corners, fill, size)[0]
 
-    return reference_vjp(warped, (image, src, params), grad_out, output_mask)
+    g_image, g_src, g_params = reference_vjp(warped, (image, src, params), grad_out, output_mask)
+    # the image gradient keeps the image's memory format, as the fake kernel promises
+    return empty_like_format(image, g_image.shape).copy_(g_image) if output_mask[0] else g_image, g_src, g_params
 
 
 register_python_backend("tps_warp", "reference", _reference_forward, _reference_backward)

@@ -44,7 +44,7 @@ def warped_kl_div(
 
 
 @torch.library.register_fake("tpswarp::warped_kl_div")
-def _fake(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction):
+def _fake(student_logits, teacher, src, params, teacher_is_logits=False, align_corners=False, reduction="mean"):
     dtype = compute_dtype(student_logits, teacher, params)
     return student_logits.new_empty(loss_shape(student_logits, reduction), dtype=dtype)
 

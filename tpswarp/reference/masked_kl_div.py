@@ -20,7 +20,10 @@ def pixel_kl(student_logits: torch.Tensor, teacher: torch.Tensor, teacher_is_log
         log_p = torch.log_softmax(teacher.to(ct), dim=1)
         return (log_p.exp() * (log_p - log_q)).sum(1)
     p = teacher.to(ct)
-    return (torch.xlogy(p, p) - p * log_q).sum(1)
+    # p log p with 0 log 0 = 0 and derivative 0 at p = 0 (xlogy's would be NaN there).
+    positive = p > 0
+    p_log_p = torch.where(positive, p * torch.log(torch.where(positive, p, torch.ones_like(p))), torch.zeros_like(p))
+    return (p_log_p - p * log_q).sum(1)
 
 
 def reduce_loss(kl: torch.Tensor, weights: Optional[torch.Tensor], reduction: str) -> torch.Tensor:

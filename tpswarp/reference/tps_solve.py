@@ -78,4 +78,4 @@ def tps_solve(src: torch.Tensor, dst: torch.Tensor, *, reg: float = 0.0, check_s
     s, d = src.to(torch.float64), dst.to(torch.float64)
     L = tps_system(s, float(reg))
     rhs = torch.cat([d, torch.zeros_like(d[:, :3])], dim=1)
-    return torch.linalg.solve(L, rhs).to(out_dtype)
+    return torch.linalg.solve(L, rhs).to(out_dtype).contiguous()  # linalg.solve returns column-major strides

@@ -1,0 +1,38 @@
+// Macros and small math helpers shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define TPSWARP_HOST_DEVICE __host__ __device__
+#else
+#define TPSWARP_HOST_DEVICE
+#endif
+
+namespace tpswarp {
+
+// Accumulation type: float for float/half/bfloat16, double for double.
+template <typename T> struct acc_type { using type = float; };
+template <> struct acc_type<double> { using type = double; };
+template <typename T> using acc_t = typename acc_type<T>::type;
+
+TPSWARP_HOST_DEVICE inline float exp_(float x) { return expf(x); }
+TPSWARP_HOST_DEVICE inline double exp_(double x) { return exp(x); }
+TPSWARP_HOST_DEVICE inline float log_(float x) { return logf(x); }
+TPSWARP_HOST_DEVICE inline double log_(double x) { return log(x); }
+TPSWARP_HOST_DEVICE inline float floor_(float x) { return floorf(x); }
+TPSWARP_HOST_DEVICE inline double floor_(double x) { return floor(x); }
+TPSWARP_HOST_DEVICE inline float abs_(float x) { return fabsf(x); }
+TPSWARP_HOST_DEVICE inline double abs_(double x) { return fabs(x); }
+TPSWARP_HOST_DEVICE inline float nearbyint_(float x) { return nearbyintf(x); }
+TPSWARP_HOST_DEVICE inline double nearbyint_(double x) { return nearbyint(x); }
+
+template <typename T> TPSWARP_HOST_DEVICE inline T max_(T a, T b) { return a > b ? a : b; }
+template <typename T> TPSWARP_HOST_DEVICE inline T min_(T a, T b) { return a < b ? a : b; }
+template <typename T> TPSWARP_HOST_DEVICE inline T clamp_(T x, T lo, T hi) { return min_(max_(x, lo), hi); }
+
+// Reductions of the loss ops; the order matches the schema's `reduction` strings.
+enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
+
+}  // namespace tpswarp

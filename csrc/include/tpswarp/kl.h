@@ -1,0 +1,98 @@
+// Per-pixel KL(p_t || softmax(s)) and its gradients, over C classes read with a stride.
+// Two sweeps over the classes of one pixel (max, then shifted sums) so that extreme logits
+// never overflow; both sweeps read the same few cache lines.
+#pragma once
+
+#include "tpswarp/common.h"
+
+namespace tpswarp {
+
+// Statistics of one pixel that both the loss and its gradient need.
+template <typename acc> struct KLPixel {
+  acc s_max;     // max_c s_c
+  acc log_zs;    // log sum_c exp(s_c - s_max)
+  acc t_max;     // max_c t_c (teacher logits only)
+  acc log_zt;    // log sum_c exp(t_c - t_max) (teacher logits only)
+  acc kl;        // the divergence
+  acc p_sum;     // sum_c p_c (1 for logits; the teacher's mass for probabilities)
+};
+
+// `s`, `t` point at class 0 of the pixel; `ss`, `ts` are the class strides.
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+TPSWARP_HOST_DEVICE inline KLPixel<acc> kl_pixel(const scalar_t* s, int64_t ss, const scalar_t* t, int64_t ts,
+                                                 int64_t C, bool teacher_is_logits) {
+  KLPixel<acc> r;
+  acc s_max = static_cast<acc>(s[0]);
+  acc t_max = static_cast<acc>(t[0]);
+  for (int64_t c = 1; c < C; ++c) {
+    s_max = max_(s_max, static_cast<acc>(s[c * ss]));
+    if (teacher_is_logits) t_max = max_(t_max, static_cast<acc>(t[c * ts]));
+  }
+  acc zs = 0, zt = 0, cross = 0, p_log_p = 0, p_sum = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc sc = static_cast<acc>(s[c * ss]) - s_max;
+    zs += exp_(sc);
+    const acc tc = static_cast<acc>(t[c * ts]);
+    if (teacher_is_logits) {
+      const acc tsh = tc - t_max;
+      const acc e = exp_(tsh);
+      zt += e;
+      cross += e * (tsh - sc);  // sum_c exp(t'_c) (t'_c - s'_c)
+    } else {
+      if (tc > 0) p_log_p += tc * log_(tc);
+      cross += tc * sc;  // sum_c p_c s'_c
+      p_sum += tc;
+    }
+  }
+  r.s_max = s_max;
+  r.log_zs = log_(zs);
+  if (teacher_is_logits) {
+    r.t_max = t_max;
+    r.log_zt = log_(zt);
+    r.p_sum = 1;
+    // sum_c p_c ((t'_c - log zt) - (s'_c - log zs))
+    r.kl = cross / zt - r.log_zt + r.log_zs;
+  } else {
+    r.t_max = 0;
+    r.log_zt = 0;
+    r.p_sum = p_sum;
+    // sum_c p_c log p_c - sum_c p_c (s'_c - log zs)
+    r.kl = p_log_p - cross + r.log_zs * p_sum;
+  }
+  return r;
+}
+
+// Gradients of scale * KL at one pixel. gs / gt may be null (not requested).
+// d/ds_c = q_c sum(p) - p_c;
+// d/dp_c = log p_c + 1 - log q_c (probabilities; the p log p term contributes 0 at p_c = 0);
+// d/dt_c = p_c ((log p_c - log q_c) - KL) (teacher logits).
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+TPSWARP_HOST_DEVICE inline void kl_pixel_grad(const scalar_t* s, int64_t ss, const scalar_t* t, int64_t ts, int64_t C,
+                                              bool teacher_is_logits, const KLPixel<acc>& st, acc scale,
+                                              scalar_t* gs, int64_t gss, scalar_t* gt, int64_t gts) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc log_q = static_cast<acc>(s[c * ss]) - st.s_max - st.log_zs;
+    const acc q = exp_(log_q);
+    const acc tc = static_cast<acc>(t[c * ts]);
+    acc p, log_p;
+    if (teacher_is_logits) {
+      log_p = tc - st.t_max - st.log_zt;
+      p = exp_(log_p);
+    } else {
+      p = tc;
+      log_p = tc > 0 ? log_(tc) : acc(0);
+    }
+    if (gs) gs[c * gss] = static_cast<scalar_t>(scale * (q * st.p_sum - p));
+    if (gt) {
+      acc g;
+      if (teacher_is_logits) {
+        g = p * ((log_p - log_q) - st.kl);
+      } else {
+        g = (tc > 0 ? log_p + acc(1) : acc(0)) - log_q;
+      }
+      gt[c * gts] = static_cast<scalar_t>(scale * g);
+    }
+  }
+}
+
+}  // namespace tpswarp

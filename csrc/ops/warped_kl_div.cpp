@@ -1,0 +1,7 @@
+// Schemas of tpswarp::warped_kl_div and its private backward (kept equal to tpswarp/_schemas.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(tpswarp, m) {
+  m.def("warped_kl_div(Tensor student_logits, Tensor teacher, Tensor src, Tensor params, bool teacher_is_logits=False, bool align_corners=False, str reduction=\"mean\") -> Tensor");
+  m.def("_warped_kl_div_backward(Tensor grad_loss, Tensor student_logits, Tensor teacher, Tensor src, Tensor params, bool teacher_is_logits, bool align_corners, str reduction, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+}

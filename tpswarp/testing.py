@@ -1,0 +1,67 @@
+"""Test utilities: the one tolerance table, and input makers shared by tests and benchmarks."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# (rtol, atol) per dtype, for comparing a backend with the reference computed in the same dtype.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (1e-4, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+# Looser tolerances for gradients (more rounding in reductions).
+GRAD_TOLERANCES = {
+    torch.float64: (1e-8, 1e-9),
+    torch.float32: (1e-3, 1e-4),
+    torch.bfloat16: (5e-2, 5e-2),
+    torch.float16: (1e-2, 1e-2),
+}
+
+
+def tolerance(dtype: torch.dtype, grad: bool = False) -> dict:
+    """``dict(rtol=..., atol=...)`` for ``torch.testing.assert_close``."""
+    rtol, atol = (GRAD_TOLERANCES if grad else TOLERANCES)[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, grad: bool = False, dtype: Optional[torch.dtype] = None,
+                 msg: Optional[str] = None) -> None:
+    """assert_close with the table's tolerance for ``dtype`` (default: ``expected.dtype``)."""
+    dt = dtype or (expected.dtype if expected.is_floating_point() else torch.float32)
+    torch.testing.assert_close(actual, expected, **tolerance(dt, grad), msg=msg)
+
+
+def quadrant_points(batch: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The PhTPS control points, ``(batch, 4, 2)``."""
+    pts = torch.tensor([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]], dtype=dtype, device=device)
+    return pts.expand(batch, 4, 2).contiguous()
+
+
+def random_tps(batch: int, *, n: int = 4, scale: float = 0.2, generator: Optional[torch.Generator] = None,
+               dtype=torch.float32, device=None):
+    """A random TPS warp ``(src, dst, params)`` around the identity, solved by the reference."""
+    from .reference import tps_solve
+
+    if n == 4:
+        src = quadrant_points(batch, dtype=torch.float64)
+    else:
+        src = torch.rand(batch, n, 2, generator=generator, dtype=torch.float64) * 1.6 - 0.8
+    dst = src + scale * torch.randn(batch, n, 2, generator=generator, dtype=torch.float64)
+    params = tps_solve(src, dst)
+    cast = dict(dtype=dtype, device=device)
+    return src.to(**cast), dst.to(**cast), params.to(**cast)
+
+
+def to_channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def non_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous tensor with the same values (a strided view of a larger buffer)."""
+    big = torch.empty((*t.shape[:-1], t.shape[-1] * 2), dtype=t.dtype, device=t.device)
+    big[..., ::2] = t
+    return big[..., ::2]
