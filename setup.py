@@ -79,6 +79,9 @@ def _extensions():
     define_macros = [("TORCH_VERSION_BUILT", f'"{torch.__version__}"')]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if want_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # Without a visible GPU torch would compile for every architecture it knows.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
         define_macros += [("TPSWARP_WITH_CUDA", None), ("TPSWARP_CUDA_ARCHS", f'"{archs}"')]
         nvcc = ["-O3", "--expt-relaxed-constexpr"]

@@ -1,0 +1,94 @@
+// Thin-plate spline evaluation at one point and its gradients, shared by CPU and CUDA kernels.
+//
+// f(q) = sum_i W_i phi(|q - c_i|) + A_0 + A_1 q_x + A_2 q_y,  phi(r) = r^2 log r = r2 log(r2) / 2.
+// `src` is (n, 2) row-major (c_i), `params` is (n + 3, 2) row-major: rows 0..n-1 W, rows n..n+2 A.
+#pragma once
+
+#include "tpswarp/common.h"
+
+namespace tpswarp {
+
+// phi as a function of r2 = r^2, with phi(0) = 0.
+template <typename acc> TPSWARP_HOST_DEVICE inline acc tps_phi(acc r2) {
+  return r2 > acc(0) ? acc(0.5) * r2 * log_(r2) : acc(0);
+}
+
+// d phi / d r2 = (log r2 + 1) / 2; its product with d r2 / dq = 2 (q - c) vanishes at r2 = 0,
+// so 0 is returned there.
+template <typename acc> TPSWARP_HOST_DEVICE inline acc tps_dphi_dr2(acc r2) {
+  return r2 > acc(0) ? acc(0.5) * (log_(r2) + acc(1)) : acc(0);
+}
+
+template <typename acc> struct Vec2 {
+  acc x, y;
+};
+
+template <typename acc, typename P>
+TPSWARP_HOST_DEVICE inline Vec2<acc> tps_eval(acc qx, acc qy, const P* src, const P* params, int64_t n) {
+  acc fx = static_cast<acc>(params[2 * n]) + static_cast<acc>(params[2 * n + 2]) * qx +
+           static_cast<acc>(params[2 * n + 4]) * qy;
+  acc fy = static_cast<acc>(params[2 * n + 1]) + static_cast<acc>(params[2 * n + 3]) * qx +
+           static_cast<acc>(params[2 * n + 5]) * qy;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc dx = qx - static_cast<acc>(src[2 * i]);
+    const acc dy = qy - static_cast<acc>(src[2 * i + 1]);
+    const acc phi = tps_phi(dx * dx + dy * dy);
+    fx += static_cast<acc>(params[2 * i]) * phi;
+    fy += static_cast<acc>(params[2 * i + 1]) * phi;
+  }
+  return {fx, fy};
+}
+
+// Accumulates the gradients of <g, f(q)> into grad_src (n, 2), grad_params (n + 3, 2) and
+// returns the gradient w.r.t. q. Either accumulator may be null.
+template <typename acc, typename P>
+TPSWARP_HOST_DEVICE inline Vec2<acc> tps_eval_backward(acc qx, acc qy, const P* src, const P* params, int64_t n,
+                                                        Vec2<acc> g, acc* grad_src, acc* grad_params) {
+  const acc a1x = static_cast<acc>(params[2 * n + 2]), a1y = static_cast<acc>(params[2 * n + 3]);
+  const acc a2x = static_cast<acc>(params[2 * n + 4]), a2y = static_cast<acc>(params[2 * n + 5]);
+  Vec2<acc> gq{g.x * a1x + g.y * a1y, g.x * a2x + g.y * a2y};
+  if (grad_params) {
+    grad_params[2 * n] += g.x;
+    grad_params[2 * n + 1] += g.y;
+    grad_params[2 * n + 2] += g.x * qx;
+    grad_params[2 * n + 3] += g.y * qx;
+    grad_params[2 * n + 4] += g.x * qy;
+    grad_params[2 * n + 5] += g.y * qy;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const acc dx = qx - static_cast<acc>(src[2 * i]);
+    const acc dy = qy - static_cast<acc>(src[2 * i + 1]);
+    const acc r2 = dx * dx + dy * dy;
+    if (grad_params) {
+      const acc phi = tps_phi(r2);
+      grad_params[2 * i] += g.x * phi;
+      grad_params[2 * i + 1] += g.y * phi;
+    }
+    // <g, W_i> * dphi/dr2 * 2 (q - c_i)
+    const acc k = acc(2) * (g.x * static_cast<acc>(params[2 * i]) + g.y * static_cast<acc>(params[2 * i + 1])) *
+                  tps_dphi_dr2(r2);
+    gq.x += k * dx;
+    gq.y += k * dy;
+    if (grad_src) {
+      grad_src[2 * i] -= k * dx;
+      grad_src[2 * i + 1] -= k * dy;
+    }
+  }
+  return gq;
+}
+
+// Normalized coordinate of output pixel i along an axis of `size` pixels (grid_sample convention).
+template <typename acc> TPSWARP_HOST_DEVICE inline acc pixel_to_normalized(int64_t i, int64_t size, bool align_corners) {
+  if (align_corners) return size > 1 ? acc(2) * acc(i) / acc(size - 1) - acc(1) : acc(0);
+  return (acc(2) * acc(i) + acc(1)) / acc(size) - acc(1);
+}
+
+// Normalized coordinate -> pixel coordinate (grid_sample's unnormalize), and d pixel / d coord.
+template <typename acc> TPSWARP_HOST_DEVICE inline acc normalized_to_pixel(acc coord, int64_t size, bool align_corners) {
+  return align_corners ? (coord + acc(1)) / acc(2) * acc(size - 1) : ((coord + acc(1)) * acc(size) - acc(1)) / acc(2);
+}
+template <typename acc> TPSWARP_HOST_DEVICE inline acc normalized_to_pixel_scale(int64_t size, bool align_corners) {
+  return align_corners ? acc(size - 1) / acc(2) : acc(size) / acc(2);
+}
+
+}  // namespace tpswarp
