@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tpswarp
-from tpswarp.testing import assert_close, non_contiguous, to_channels_last, tolerance
+from tpswarp.testing import assert_close, non_contiguous, to_channels_last
 
 PERMS = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
 
@@ -264,13 +264,9 @@ def test_half_inputs_match_float32_reference(backend, dtype):
     grad = torch.randn(out.shape, generator=gen).to(dtype)
     grads = torch.autograd.grad(out, leaves, grad)
     ref_grads = torch.autograd.grad(expected, f32, grad.float())
-    # image gradient: one half-precision rounding of a float32 value, table tolerance
-    assert grads[0].dtype == dtype
-    assert_close(grads[0].float(), ref_grads[0], grad=True, dtype=dtype)
-    # parameter gradients are sums over H*W*3 terms: compare relative to their magnitude
-    for g, r in zip(grads[1:], ref_grads[1:]):
-        rtol, atol = tolerance(dtype, grad=True).values()
-        torch.testing.assert_close(g.float(), r, rtol=rtol, atol=atol * max(1.0, r.abs().max().item()))
+    for name, g, r in zip(("image", "brightness", "saturation", "hue", "contrast"), grads, ref_grads):
+        assert g.dtype == dtype
+        assert_close(g.float(), r, grad=True, dtype=dtype, msg=f"gradient w.r.t. {name}")
 
 
 def test_odd_and_tiny_shapes(backend):
@@ -315,8 +311,11 @@ def test_hypothesis_reference_vs_design_and_backend(backend, B, H, W, seed, wide
     torch.testing.assert_close(_ref(image, *params, perm, clamp=clamp), expected, rtol=1e-12, atol=1e-12)
     assert_close(tpswarp.photometric_jitter(image, *params, perm, clamp=clamp), expected)
     out32 = tpswarp.photometric_jitter(image.float(), *(p.float() for p in params), perm, clamp=clamp)
-    # float32 vs float64 oracle; values are O(|v| |c| (1 + |s|)) <= ~10 in the wide ranges
-    torch.testing.assert_close(out32.double(), expected, rtol=1e-5, atol=1e-5)
+    # float32 vs the float64 oracle (not a same-dtype comparison, so not the table): a hue
+    # rounding error d reaches the output as 6 d |v s|, and |v s| grows to ~15 in the wide
+    # ranges, so the absolute tolerance scales with the output magnitude.
+    bound = 1.0 + expected.abs().max().item()
+    torch.testing.assert_close(out32.double(), expected, rtol=1e-5, atol=1e-5 * bound)
 
 
 @fixture_ok
@@ -357,7 +356,7 @@ def _smooth_inputs(B, H, W, gen):
 @pytest.mark.parametrize("clamp", [False, True])
 def test_gradcheck(backend, clamp):
     gen = torch.Generator().manual_seed(6)
-    image, params = _smooth_inputs(2, 3, 4, gen)
+    image, params = _smooth_inputs(2, 2, 3, gen)
     perm = torch.tensor([[2, 0, 1], [0, 1, 2]])
     if clamp:
         out = _ref(image, *params, perm)

@@ -57,13 +57,14 @@ def _choose(op: str, device: str, forced: Optional[str]) -> str:
     if forced == "cpp":
         if native:
             return "cpp"
-        warnings.warn(f"tpswarp: backend 'cpp' forced but the extension has no {device} kernel for {op}; "
-                      "using the reference")
+        if device == "cpu" or torch.cuda.is_available():
+            warnings.warn(f"tpswarp: backend 'cpp' forced but the extension has no {device} kernel for {op}; "
+                          "using the reference")
         return "reference"
     if forced == "triton":
         if triton_ok:
             return "triton"
-        if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        if (device == "cuda" and torch.cuda.is_available()) or (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
             warnings.warn(f"tpswarp: backend 'triton' forced but no Triton kernel for {op} on {device}; "
                           "using the reference")
         return "reference"

@@ -5,6 +5,8 @@ import importlib
 import os
 import warnings
 
+import torch  # noqa: F401  (loads libtorch/libc10, which tpswarp._C links against)
+
 _C = None
 load_error = None
 

@@ -18,6 +18,12 @@ def tps_kernel_from_sq_dist(r2: torch.Tensor) -> torch.Tensor:
 
 def tps_evaluate(points: torch.Tensor, src: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """f(q) for points (B, m, 2), src (B, n, 2), params (B, n + 3, 2), all of one dtype."""
+    device_type = points.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        # The Python kernels run inside the caller's autocast region, which would compute the
+        # matmul below in bfloat16/float16; keep the computation in the dtype it was given.
+        with torch.autocast(device_type, enabled=False):
+            return tps_evaluate(points, src, params)
     n = src.shape[1]
     r2 = ((points[:, :, None, :] - src[:, None, :, :]) ** 2).sum(-1)  # (B, m, n)
     radial = tps_kernel_from_sq_dist(r2) @ params[:, :n]

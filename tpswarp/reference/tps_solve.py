@@ -39,7 +39,7 @@ def singular_items(src: torch.Tensor, reg: float) -> tuple[list[int], list[int]]
     if reg == 0:
         d2 = ((s[:, :, None, :] - s[:, None, :, :]) ** 2).sum(-1)
         n = s.shape[1]
-        d2 = d2 + torch.eye(n, dtype=s.dtype, device=s.device) * float("inf")
+        d2 = d2.masked_fill(torch.eye(n, dtype=torch.bool, device=s.device), float("inf"))  # not eye * inf: 0 * inf = nan
         duplicate = d2.amin(dim=(1, 2)) <= _DUPLICATE_RTOL * trace.clamp_min(1e-300)
         duplicate &= ~collinear
     return collinear.nonzero().flatten().tolist(), duplicate.nonzero().flatten().tolist()

@@ -53,11 +53,20 @@ def source_coordinates(coord: torch.Tensor, size: int, padding_mode: str, align_
     return p
 
 
+def hull_tolerance(size: int, dtype: torch.dtype) -> float:
+    """Slack of the hull test in pixels: coordinates computed in ``dtype`` carry rounding
+    errors of about ``eps * size`` pixels, so a border pixel centre that maps onto itself may
+    land a few ulps outside. Shared with the kernels (``pixel_hull_tolerance`` in tps.h)."""
+    return 8.0 * torch.finfo(dtype).eps * max(size, 1)
+
+
 def validity_mask(grid: torch.Tensor, height: int, width: int, align_corners: bool) -> torch.Tensor:
-    """True where the sample location lies in the input's pixel-centre hull."""
+    """True where the sample location lies in the input's pixel-centre hull
+    ``[0, W - 1] x [0, H - 1]`` (up to :func:`hull_tolerance`)."""
     px = unnormalize(grid[..., 0], width, align_corners)
     py = unnormalize(grid[..., 1], height, align_corners)
-    return (px >= 0) & (px <= width - 1) & (py >= 0) & (py <= height - 1)
+    tx, ty = hull_tolerance(width, grid.dtype), hull_tolerance(height, grid.dtype)
+    return (px >= -tx) & (px <= width - 1 + tx) & (py >= -ty) & (py <= height - 1 + ty)
 
 
 def _gather(image_flat: torch.Tensor, ix: torch.Tensor, iy: torch.Tensor, width: int) -> torch.Tensor:

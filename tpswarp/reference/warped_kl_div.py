@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import check_warped_kl_div
+from ._tps_math import compute_dtype
 from .masked_kl_div import masked_kl_div
 from .tps_warp import tps_warp
 
@@ -25,5 +26,8 @@ def warped_kl_div(
     """
     check_warped_kl_div(student_logits, teacher, src, params, reduction)
     H, W = student_logits.shape[2:]
-    warped, valid = tps_warp(teacher, src, params, align_corners=align_corners, size=(H, W))
+    # Warp in the compute dtype (float32 for half inputs): a half-precision warped teacher would
+    # round the values and overflow its gradient (e.g. -log q ~ 1e5 > 65504 in float16).
+    ct = compute_dtype(student_logits, teacher, params)
+    warped, valid = tps_warp(teacher.to(ct), src, params, align_corners=align_corners, size=(H, W))
     return masked_kl_div(student_logits, warped, valid, teacher_is_logits=teacher_is_logits, reduction=reduction)

@@ -91,4 +91,11 @@ template <typename acc> TPSWARP_HOST_DEVICE inline acc normalized_to_pixel_scale
   return align_corners ? acc(size - 1) / acc(2) : acc(size) / acc(2);
 }
 
+// Slack of the validity (pixel-centre hull) test in pixels, for coordinates computed in acc:
+// 8 eps size (see hull_tolerance in tpswarp/reference/tps_warp.py).
+template <typename acc> TPSWARP_HOST_DEVICE inline acc pixel_hull_tolerance(int64_t size) {
+  const acc eps = sizeof(acc) == 8 ? acc(2.220446049250313e-16) : acc(1.1920928955078125e-07);
+  return acc(8) * eps * acc(size > 1 ? size : 1);
+}
+
 }  // namespace tpswarp

@@ -1,0 +1,140 @@
+"""Shared benchmark helpers: timing, peak memory, CSV rows with the machine and commit, plots."""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(fn: Callable[[], object], device: str, *, repeats: int = 10, warmup: int = 2,
+            min_time: float = 0.0) -> Dict[str, float]:
+    """Median / 20% / 80% quantiles of the wall time of ``fn`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start) < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"ms": statistics.median(times), "ms_q20": qs[0], "ms_q80": qs[-1], "repeats": len(times)}
+
+
+class PeakMemory:
+    """Peak bytes allocated by tensors while inside the block, on CPU or CUDA.
+
+    CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: a dispatch-mode
+    tracker of live tensor storages (see ``tpswarp_memory``), relative to the start.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            from memory_tracker import LiveTensorTracker
+
+            self.tracker = LiveTensorTracker()
+            self.tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.tracker.__exit__(*exc)
+            self.peak = self.tracker.peak_bytes
+        return False
+
+
+def append_rows(name: str, rows: Iterable[dict], device: str) -> str:
+    """Append ``rows`` to ``benchmarks/results/<name>.csv`` with device, torch version, commit, date."""
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.csv")
+    meta = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+    }
+    rows = [{**meta, **r} for r in rows]
+    if not rows:
+        return path
+    fields = list(rows[0].keys())
+    exists = os.path.exists(path)
+    if exists:
+        with open(path) as f:
+            header = f.readline().strip().split(",")
+        if header != fields:  # schema changed: start a new file rather than mixing columns
+            os.replace(path, path + ".old")
+            exists = False
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if not exists:
+            w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def print_table(rows: List[dict], columns: List[str], title: Optional[str] = None) -> None:
+    if title:
+        print(f"\n{title}")
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return "" if v is None else str(v)
