@@ -7,7 +7,9 @@
 #include <torch/library.h>
 
 #include <array>
+#include <vector>
 
+#include "tpswarp/cpu_kl_block.h"
 #include "tpswarp/kl.h"
 #include "tpswarp/kl_args.h"
 
@@ -25,6 +27,14 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
               " but `student_logits` is on ", student.device());
 }
 
+// The blocked (pixel-vectorized) path needs float accumulation and adjacent pixels.
+bool use_blocked_path(at::ScalarType dtype, const std::vector<const at::Tensor*>& operands) {
+  if (dtype == at::kDouble) return false;
+  for (const auto* t : operands)
+    if (t->size(2) > 1 && t->stride(2) != 1) return false;
+  return true;
+}
+
 at::Tensor masked_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor& teacher,
                              const std::optional<at::Tensor>& mask, bool teacher_is_logits,
                              c10::string_view reduction_name) {
@@ -39,7 +49,34 @@ at::Tensor masked_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor&
   auto s = student_logits.to(in_dtype).reshape({B, C, N});
   auto t = teacher.to(in_dtype).reshape({B, C, N});
   auto kl = at::empty({B, N}, student_logits.options().dtype(dtype));
-  if (kl.numel() > 0 && C > 0) {
+  if (kl.numel() > 0 && C > 0 && use_blocked_path(in_dtype, {&s, &t})) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_cpu_blocked", [&] {
+      const scalar_t* sp = s.const_data_ptr<scalar_t>();
+      const scalar_t* tp = t.const_data_ptr<scalar_t>();
+      const float* wp = weights.defined() ? weights.const_data_ptr<float>() : nullptr;
+      float* out = kl.mutable_data_ptr<float>();
+      const int64_t blocks_per_row = (N + cpu::kKLBlock - 1) / cpu::kKLBlock;
+      at::parallel_for(0, B * blocks_per_row, 1, [&](int64_t begin, int64_t end) {
+        cpu::KLBlockStats st;
+        for (int64_t blk = begin; blk < end; ++blk) {
+          const int64_t b = blk / blocks_per_row, n0 = (blk % blocks_per_row) * cpu::kKLBlock;
+          const int64_t P = std::min(cpu::kKLBlock, N - n0);
+          const scalar_t* sb = sp + b * s.stride(0) + n0;
+          const scalar_t* tb = tp + b * t.stride(0) + n0;
+          if (teacher_is_logits)
+            cpu::kl_block_stats<scalar_t, scalar_t, true>(sb, s.stride(1), tb, t.stride(1), C, P, st);
+          else
+            cpu::kl_block_stats<scalar_t, scalar_t, false>(sb, s.stride(1), tb, t.stride(1), C, P, st);
+          float* o = out + b * N + n0;
+          const float* w = wp ? wp + b * N + n0 : nullptr;
+          for (int64_t p = 0; p < P; ++p) {
+            const float wi = w ? w[p] : 1.f;
+            o[p] = wi != 0.f ? wi * st.kl[p] : 0.f;
+          }
+        }
+      });
+    });
+  } else if (kl.numel() > 0 && C > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_cpu", [&] {
       using acc = acc_t<scalar_t>;
       const scalar_t* sp = s.const_data_ptr<scalar_t>();
@@ -91,7 +128,45 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cpu(const at::Tensor& 
     auto t = teacher.to(in_dtype).reshape({B, C, N});
     auto gs3 = output_mask[0] ? gs.view({B, C, N}) : gs;
     auto gt3 = output_mask[1] ? gt.view({B, C, N}) : gt;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_backward_cpu", [&] {
+    std::vector<const at::Tensor*> operands{&s, &t};
+    if (output_mask[0]) operands.push_back(&gs3);
+    if (output_mask[1]) operands.push_back(&gt3);
+    if (use_blocked_path(in_dtype, operands)) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_backward_cpu_blocked", [&] {
+        const scalar_t* sp = s.const_data_ptr<scalar_t>();
+        const scalar_t* tp = t.const_data_ptr<scalar_t>();
+        const float* wp = weights.defined() ? weights.const_data_ptr<float>() : nullptr;
+        const float* fp = factor.const_data_ptr<float>();
+        const bool per_pixel_factor = factor.dim() != 0;
+        scalar_t* gsp = output_mask[0] ? gs3.mutable_data_ptr<scalar_t>() : nullptr;
+        scalar_t* gtp = output_mask[1] ? gt3.mutable_data_ptr<scalar_t>() : nullptr;
+        const int64_t blocks_per_row = (N + cpu::kKLBlock - 1) / cpu::kKLBlock;
+        at::parallel_for(0, B * blocks_per_row, 1, [&](int64_t begin, int64_t end) {
+          cpu::KLBlockStats st;
+          float scale[cpu::kKLBlock];
+          for (int64_t blk = begin; blk < end; ++blk) {
+            const int64_t b = blk / blocks_per_row, n0 = (blk % blocks_per_row) * cpu::kKLBlock;
+            const int64_t P = std::min(cpu::kKLBlock, N - n0);
+            const scalar_t* sb = sp + b * s.stride(0) + n0;
+            const scalar_t* tb = tp + b * t.stride(0) + n0;
+            for (int64_t p = 0; p < P; ++p)
+              scale[p] = (per_pixel_factor ? fp[b * N + n0 + p] : fp[0]) * (wp ? wp[b * N + n0 + p] : 1.f);
+            scalar_t* gsb = gsp ? gsp + b * gs3.stride(0) + n0 : nullptr;
+            scalar_t* gtb = gtp ? gtp + b * gt3.stride(0) + n0 : nullptr;
+            const int64_t gscs = gsp ? gs3.stride(1) : 0, gtcs = gtp ? gt3.stride(1) : 0;
+            if (teacher_is_logits) {
+              cpu::kl_block_stats<scalar_t, scalar_t, true>(sb, s.stride(1), tb, t.stride(1), C, P, st);
+              cpu::kl_block_grad<scalar_t, scalar_t, scalar_t, true>(sb, s.stride(1), tb, t.stride(1), C, P, st, scale,
+                                                                      gsb, gscs, gtb, gtcs);
+            } else {
+              cpu::kl_block_stats<scalar_t, scalar_t, false>(sb, s.stride(1), tb, t.stride(1), C, P, st);
+              cpu::kl_block_grad<scalar_t, scalar_t, scalar_t, false>(sb, s.stride(1), tb, t.stride(1), C, P, st, scale,
+                                                                       gsb, gscs, gtb, gtcs);
+            }
+          }
+        });
+      });
+    } else AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_backward_cpu", [&] {
       using acc = acc_t<scalar_t>;
       const scalar_t* sp = s.const_data_ptr<scalar_t>();
       const scalar_t* tp = t.const_data_ptr<scalar_t>();

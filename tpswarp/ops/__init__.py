@@ -9,3 +9,10 @@ from .tps_warp import tps_warp
 from .warped_kl_div import warped_kl_div
 
 __all__ = ["tps_solve", "tps_transform", "tps_warp", "photometric_jitter", "masked_kl_div", "warped_kl_div"]
+
+try:  # Triton kernels register the "triton" backend when Triton is installed
+    import triton as _triton  # noqa: F401
+except ImportError:
+    pass
+else:
+    from .. import triton as _triton_kernels  # noqa: F401

@@ -51,7 +51,8 @@ def _fake(student_logits, teacher, mask=None, teacher_is_logits=False, reduction
 
 
 def fake_input_grads(inputs, output_mask):
-    return tuple(x.new_empty(x.shape if need else (0,)) for x, need in zip(inputs, output_mask))
+    # Gradients keep the input's layout (channels_last included), as the kernels return them.
+    return tuple(torch.empty_like(x) if need else x.new_empty(0) for x, need in zip(inputs, output_mask))
 
 
 @torch.library.register_fake("tpswarp::_masked_kl_div_backward")

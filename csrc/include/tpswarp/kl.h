@@ -17,22 +17,23 @@ template <typename acc> struct KLPixel {
   acc p_sum;     // sum_c p_c (1 for logits; the teacher's mass for probabilities)
 };
 
-// `s`, `t` point at class 0 of the pixel; `ss`, `ts` are the class strides.
-template <typename scalar_t, typename acc = acc_t<scalar_t>>
-TPSWARP_HOST_DEVICE inline KLPixel<acc> kl_pixel(const scalar_t* s, int64_t ss, const scalar_t* t, int64_t ts,
-                                                 int64_t C, bool teacher_is_logits) {
+// `load_s(c)` and `load_t(c)` return the student logit and the teacher value (probability or
+// logit) of class c in acc; the warped KL loads the teacher through a bilinear tap.
+template <typename acc, typename LoadS, typename LoadT>
+TPSWARP_HOST_DEVICE inline KLPixel<acc> kl_pixel_loaded(const LoadS& load_s, const LoadT& load_t, int64_t C,
+                                                        bool teacher_is_logits) {
   KLPixel<acc> r;
-  acc s_max = static_cast<acc>(s[0]);
-  acc t_max = static_cast<acc>(t[0]);
+  acc s_max = load_s(0);
+  acc t_max = load_t(0);
   for (int64_t c = 1; c < C; ++c) {
-    s_max = max_(s_max, static_cast<acc>(s[c * ss]));
-    if (teacher_is_logits) t_max = max_(t_max, static_cast<acc>(t[c * ts]));
+    s_max = max_(s_max, load_s(c));
+    if (teacher_is_logits) t_max = max_(t_max, load_t(c));
   }
   acc zs = 0, zt = 0, cross = 0, p_log_p = 0, p_sum = 0;
   for (int64_t c = 0; c < C; ++c) {
-    const acc sc = static_cast<acc>(s[c * ss]) - s_max;
+    const acc sc = load_s(c) - s_max;
     zs += exp_(sc);
-    const acc tc = static_cast<acc>(t[c * ts]);
+    const acc tc = load_t(c);
     if (teacher_is_logits) {
       const acc tsh = tc - t_max;
       const acc e = exp_(tsh);
@@ -62,18 +63,19 @@ TPSWARP_HOST_DEVICE inline KLPixel<acc> kl_pixel(const scalar_t* s, int64_t ss, 
   return r;
 }
 
-// Gradients of scale * KL at one pixel. gs / gt may be null (not requested).
+// Gradients of scale * KL at one pixel, handed to store_s(c, g) / store_t(c, g).
 // d/ds_c = q_c sum(p) - p_c;
 // d/dp_c = log p_c + 1 - log q_c (probabilities; the p log p term contributes 0 at p_c = 0);
 // d/dt_c = p_c ((log p_c - log q_c) - KL) (teacher logits).
-template <typename scalar_t, typename acc = acc_t<scalar_t>>
-TPSWARP_HOST_DEVICE inline void kl_pixel_grad(const scalar_t* s, int64_t ss, const scalar_t* t, int64_t ts, int64_t C,
-                                              bool teacher_is_logits, const KLPixel<acc>& st, acc scale,
-                                              scalar_t* gs, int64_t gss, scalar_t* gt, int64_t gts) {
+template <typename acc, typename LoadS, typename LoadT, typename StoreS, typename StoreT>
+TPSWARP_HOST_DEVICE inline void kl_pixel_grad_loaded(const LoadS& load_s, const LoadT& load_t, int64_t C,
+                                                     bool teacher_is_logits, const KLPixel<acc>& st, acc scale,
+                                                     bool want_s, const StoreS& store_s, bool want_t,
+                                                     const StoreT& store_t) {
   for (int64_t c = 0; c < C; ++c) {
-    const acc log_q = static_cast<acc>(s[c * ss]) - st.s_max - st.log_zs;
+    const acc log_q = load_s(c) - st.s_max - st.log_zs;
     const acc q = exp_(log_q);
-    const acc tc = static_cast<acc>(t[c * ts]);
+    const acc tc = load_t(c);
     acc p, log_p;
     if (teacher_is_logits) {
       log_p = tc - st.t_max - st.log_zt;
@@ -82,17 +84,31 @@ TPSWARP_HOST_DEVICE inline void kl_pixel_grad(const scalar_t* s, int64_t ss, con
       p = tc;
       log_p = tc > 0 ? log_(tc) : acc(0);
     }
-    if (gs) gs[c * gss] = static_cast<scalar_t>(scale * (q * st.p_sum - p));
-    if (gt) {
-      acc g;
-      if (teacher_is_logits) {
-        g = p * ((log_p - log_q) - st.kl);
-      } else {
-        g = (tc > 0 ? log_p + acc(1) : acc(0)) - log_q;
-      }
-      gt[c * gts] = static_cast<scalar_t>(scale * g);
+    if (want_s) store_s(c, scale * (q * st.p_sum - p));
+    if (want_t) {
+      const acc g = teacher_is_logits ? p * ((log_p - log_q) - st.kl) : (tc > 0 ? log_p + acc(1) : acc(0)) - log_q;
+      store_t(c, scale * g);
     }
   }
+}
+
+// Pointer forms: `s`, `t` point at class 0 of the pixel; `ss`, `ts` are the class strides.
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+TPSWARP_HOST_DEVICE inline KLPixel<acc> kl_pixel(const scalar_t* s, int64_t ss, const scalar_t* t, int64_t ts,
+                                                 int64_t C, bool teacher_is_logits) {
+  return kl_pixel_loaded<acc>([&](int64_t c) { return static_cast<acc>(s[c * ss]); },
+                              [&](int64_t c) { return static_cast<acc>(t[c * ts]); }, C, teacher_is_logits);
+}
+
+// gs / gt may be null (not requested).
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+TPSWARP_HOST_DEVICE inline void kl_pixel_grad(const scalar_t* s, int64_t ss, const scalar_t* t, int64_t ts, int64_t C,
+                                              bool teacher_is_logits, const KLPixel<acc>& st, acc scale,
+                                              scalar_t* gs, int64_t gss, scalar_t* gt, int64_t gts) {
+  kl_pixel_grad_loaded<acc>([&](int64_t c) { return static_cast<acc>(s[c * ss]); },
+                            [&](int64_t c) { return static_cast<acc>(t[c * ts]); }, C, teacher_is_logits, st, scale,
+                            gs != nullptr, [&](int64_t c, acc g) { gs[c * gss] = static_cast<scalar_t>(g); },
+                            gt != nullptr, [&](int64_t c, acc g) { gt[c * gts] = static_cast<scalar_t>(g); });
 }
 
 }  // namespace tpswarp

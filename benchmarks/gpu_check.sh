@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# GPU check of issue #4, in one run on a machine with an NVIDIA GPU (H100/H200: sm_90):
+#   1. record the environment (GPU, driver, CUDA, torch, Triton, git commit),
+#   2. build the CUDA extension (TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .),
+#   3. run the tests on CUDA tensors for the compiled CUDA ("cpp") and Triton backends
+#      (tests/test_cuda.py, tests/test_triton.py on the GPU), then the whole suite,
+#   4. run the benchmarks (benchmarks/bench_*.py, with --device cuda where they take it) and
+#      benchmarks/gpu_bandwidth.py (the issue's targets: fraction of copy bandwidth, kornia,
+#      tps_solve, peak memory).
+# Everything goes to benchmarks/results/gpu/<UTC time>_<commit>/; a failing step is recorded in
+# status.txt and the run goes on. Exit status: 0 when every step passed, 1 otherwise.
+#
+#   bash benchmarks/gpu_check.sh            # full run
+#   QUICK=1 bash benchmarks/gpu_check.sh    # small benchmark shapes
+#   PYTHON=/path/to/python SKIP_BUILD=1 ...  # use an existing build
+#   STEP_TIMEOUT=seconds                    # per step (default 5400); rc 124 means it timed out
+set -uo pipefail
+set -x
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PYTHON=${PYTHON:-python}
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+OUT=${OUT:-$ROOT/benchmarks/results/gpu/$(date -u +%Y%m%dT%H%M%SZ)_${COMMIT}}
+mkdir -p "$OUT"
+STATUS=$OUT/status.txt
+: > "$STATUS"
+FAILED=0
+QUICK_FLAG=""
+[ "${QUICK:-0}" = "1" ] && QUICK_FLAG="--quick"
+
+# step NAME CMD...: run CMD with output in $OUT/NAME.log, record its exit status, never abort.
+step() {
+  local name=$1
+  shift
+  local t0=$SECONDS
+  echo "=== $name: $*"
+  timeout "${STEP_TIMEOUT:-5400}" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc seconds=$((SECONDS - t0))" | tee -a "$STATUS"
+  tail -n 25 "$OUT/$name.log"
+  if [ "$rc" -ne 0 ]; then FAILED=1; fi
+  return 0
+}
+
+# ---------------------------------------------------------------------------------- environment
+{
+  echo "date_utc: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "host: $(hostname)"
+  echo "git_commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "git_status:"
+  git status --short 2>/dev/null | sed 's/^/  /'
+  echo "nvidia-smi:"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.sm,clocks.max.mem \
+    --format=csv 2>&1 | sed 's/^/  /'
+  echo "nvcc: $(nvcc --version 2>/dev/null | tail -n 1 || echo 'not found')"
+  echo "python: $($PYTHON --version 2>&1)"
+} > "$OUT/environment.txt" 2>&1
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >> "$STATUS"
+$PYTHON - > "$OUT/versions.json" 2>&1 <<'PY'
+import json, platform
+info = {"python": platform.python_version()}
+try:
+    import torch
+    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
+                device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                capability=torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None)
+except Exception as e:
+    info["torch_error"] = repr(e)
+try:
+    import triton
+    info["triton"] = triton.__version__
+except Exception as e:
+    info["triton_error"] = repr(e)
+try:
+    import kornia
+    info["kornia"] = kornia.__version__
+except Exception:
+    info["kornia"] = None
+print(json.dumps(info, indent=1))
+PY
+cat "$OUT/environment.txt" "$OUT/versions.json"
+
+# ---------------------------------------------------------------------------------- build
+if [ "${SKIP_BUILD:-0}" != "1" ]; then
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  export TPSWARP_FORCE_CUDA=1
+  step build $PYTHON -m pip install -v --no-build-isolation -e .
+fi
+step backends $PYTHON -c "import json, tpswarp; print(json.dumps(tpswarp.backends(), indent=1))"
+
+# ---------------------------------------------------------------------------------- tests
+# CUDA tensors, both backends, every op (skips only what a backend does not provide).
+step test_cuda $PYTHON -m pytest -q -rs tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
+# The Triton kernel tests on CUDA tensors (no interpreter).
+step test_triton_gpu env -u TRITON_INTERPRET $PYTHON -m pytest -q -rs tests/test_triton.py \
+  --junitxml="$OUT/test_triton_gpu.xml"
+# The whole suite with the GPU build (CPU tests: reference and C++ backends; CUDA tests again).
+step test_all $PYTHON -m pytest -q -rs tests --junitxml="$OUT/test_all.xml"
+# The CI selection under the interpreter, for comparison with the CPU-only CI.
+step test_triton_interpret env TRITON_INTERPRET=1 TPSWARP_TEST_BACKENDS=triton $PYTHON -m pytest -q tests -m triton
+
+# ---------------------------------------------------------------------------------- benchmarks
+step gpu_bandwidth $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG --out "$OUT"
+for bench in benchmarks/bench_*.py; do
+  [ -e "$bench" ] || continue
+  name=$(basename "$bench" .py)
+  help=$($PYTHON "$bench" --help 2>&1)
+  args=()
+  if grep -q -- "--device" <<< "$help"; then
+    args+=(--device cuda)
+  else
+    echo "$name: no --device option, runs on the CPU" >> "$STATUS"
+  fi
+  if [ -n "$QUICK_FLAG" ] && grep -q -- "--quick" <<< "$help"; then args+=(--quick); fi
+  step "$name" $PYTHON "$bench" "${args[@]}"
+done
+# The benchmarks append their CSV rows to benchmarks/results/*.csv; keep a copy with this run.
+cp benchmarks/results/*.csv "$OUT/" 2>/dev/null || true
+
+echo "=== summary (results in $OUT)"
+cat "$STATUS"
+exit $FAILED

@@ -1,0 +1,348 @@
+// CPU kernels of tpswarp::warped_kl_div and its backward: for each block of output pixels of
+// one row, the TPS map, the validity test and the bilinear taps are computed on the fly and the
+// warped teacher is gathered into a small on-stack buffer, so nothing of size B x C x H x W is
+// created besides the gradients.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <array>
+#include <type_traits>
+#include <vector>
+
+#include "tpswarp/cpu_kl_block.h"
+#include "tpswarp/kl.h"
+#include "tpswarp/kl_args.h"
+#include "tpswarp/sampling.h"
+#include "tpswarp/tps.h"
+#include "tpswarp/tps_args.h"
+
+namespace tpswarp {
+namespace {
+
+constexpr const char* kOp = "warped_kl_div";
+constexpr int64_t kBlock = cpu::kKLBlock;
+
+struct Problem {
+  int64_t B, C, H, W, Ht, Wt, n;
+  bool logits, align_corners;
+  Reduction reduction;
+  at::ScalarType in_dtype, acc_dtype;
+};
+
+Problem make_problem(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& src,
+                     const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction) {
+  check_kl_tensor(student, "student_logits", kOp);
+  check_kl_tensor(teacher, "teacher", kOp);
+  TORCH_CHECK_VALUE(student.dim() == 4, kOp, ": `student_logits` must be 4-D (B, C, H, W), got ", student.sizes());
+  TORCH_CHECK_VALUE(teacher.dim() == 4, kOp, ": `teacher` must be 4-D (B, C, H, W), got ", teacher.sizes());
+  TORCH_CHECK_VALUE(teacher.size(0) == student.size(0) && teacher.size(1) == student.size(1), kOp, ": `teacher` ",
+                    teacher.sizes(), " and `student_logits` ", student.sizes(),
+                    " must agree in batch size and classes");
+  check_tps_params_args(src, params, student.size(0), kOp);
+  check_same_device(student, "student_logits", teacher, "teacher", kOp);
+  check_same_device(student, "student_logits", src, "src", kOp);
+  Problem p;
+  p.B = student.size(0);
+  p.C = student.size(1);
+  p.H = student.size(2);
+  p.W = student.size(3);
+  p.Ht = teacher.size(2);
+  p.Wt = teacher.size(3);
+  p.n = src.size(1);
+  p.logits = teacher_is_logits;
+  p.align_corners = align_corners;
+  p.reduction = parse_reduction(reduction, kOp);
+  const bool any_double = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble ||
+                          params.scalar_type() == at::kDouble;
+  p.acc_dtype = any_double ? at::kDouble : at::kFloat;
+  p.in_dtype = student.scalar_type() == teacher.scalar_type() ? student.scalar_type() : p.acc_dtype;
+  return p;
+}
+
+// One block of up to kBlock output pixels (b, i, j0 .. j0 + P - 1): sample locations, validity
+// and the warped teacher / student values gathered as [C][kBlock] in acc.
+template <typename acc> struct Block {
+  int64_t P;
+  acc qx[kBlock], qy[kBlock];
+  BilinearTap<acc> tap[kBlock];
+  acc valid[kBlock];
+};
+
+template <typename scalar_t, typename acc>
+void locate_block(const Problem& pb, const acc* src_b, const acc* params_b, int64_t i, int64_t j0, Block<acc>& blk) {
+  blk.P = std::min(kBlock, pb.W - j0);
+  const acc qy = pixel_to_normalized<acc>(i, pb.H, pb.align_corners);
+  for (int64_t p = 0; p < blk.P; ++p) {
+    const acc qx = pixel_to_normalized<acc>(j0 + p, pb.W, pb.align_corners);
+    const auto g = tps_eval<acc>(qx, qy, src_b, params_b, pb.n);
+    const acc px = normalized_to_pixel(g.x, pb.Wt, pb.align_corners);
+    const acc py = normalized_to_pixel(g.y, pb.Ht, pb.align_corners);
+    blk.qx[p] = qx;
+    blk.qy[p] = qy;
+    blk.valid[p] = in_pixel_hull<acc>(g.x, g.y, pb.Ht, pb.Wt, pb.align_corners) ? acc(1) : acc(0);
+    blk.tap[p] = bilinear_tap<acc>(px, py, pb.Ht, pb.Wt);
+  }
+}
+
+template <typename scalar_t, typename acc>
+void gather_block(const Problem& pb, const Block<acc>& blk, const scalar_t* student_b, const int64_t* ss,
+                  const scalar_t* teacher_b, const int64_t* ts, int64_t i, int64_t j0, acc* sbuf, acc* tbuf) {
+  for (int64_t c = 0; c < pb.C; ++c) {
+    const scalar_t* plane = teacher_b + c * ts[1];
+    const scalar_t* row = student_b + c * ss[1] + i * ss[2] + j0 * ss[3];
+    for (int64_t p = 0; p < blk.P; ++p) {
+      tbuf[c * kBlock + p] = bilinear_sample<scalar_t, acc>(plane, ts[2], ts[3], blk.tap[p], acc(0));
+      sbuf[c * kBlock + p] = static_cast<acc>(row[p * ss[3]]);
+    }
+  }
+}
+
+// Per-pixel KL of a gathered block into out[p]; float uses the vectorized block math.
+template <typename acc>
+void block_kl(const Problem& pb, int64_t P, const acc* sbuf, const acc* tbuf, acc* out) {
+  if constexpr (std::is_same_v<acc, float>) {
+    cpu::KLBlockStats st;
+    if (pb.logits)
+      cpu::kl_block_stats<float, float, true>(sbuf, kBlock, tbuf, kBlock, pb.C, P, st);
+    else
+      cpu::kl_block_stats<float, float, false>(sbuf, kBlock, tbuf, kBlock, pb.C, P, st);
+    for (int64_t p = 0; p < P; ++p) out[p] = st.kl[p];
+  } else {
+    for (int64_t p = 0; p < P; ++p) out[p] = kl_pixel<acc>(sbuf + p, kBlock, tbuf + p, kBlock, pb.C, pb.logits).kl;
+  }
+}
+
+// Gradients of scale[p] * KL_p w.r.t. the gathered student and warped teacher values.
+template <typename acc>
+void block_kl_grad(const Problem& pb, int64_t P, const acc* sbuf, const acc* tbuf, const acc* scale, acc* gsbuf,
+                   acc* gtbuf) {
+  if constexpr (std::is_same_v<acc, float>) {
+    cpu::KLBlockStats st;
+    if (pb.logits) {
+      cpu::kl_block_stats<float, float, true>(sbuf, kBlock, tbuf, kBlock, pb.C, P, st);
+      cpu::kl_block_grad<float, float, float, true>(sbuf, kBlock, tbuf, kBlock, pb.C, P, st, scale, gsbuf, kBlock,
+                                                    gtbuf, kBlock);
+    } else {
+      cpu::kl_block_stats<float, float, false>(sbuf, kBlock, tbuf, kBlock, pb.C, P, st);
+      cpu::kl_block_grad<float, float, float, false>(sbuf, kBlock, tbuf, kBlock, pb.C, P, st, scale, gsbuf, kBlock,
+                                                     gtbuf, kBlock);
+    }
+  } else {
+    for (int64_t p = 0; p < P; ++p) {
+      const auto st = kl_pixel<acc>(sbuf + p, kBlock, tbuf + p, kBlock, pb.C, pb.logits);
+      kl_pixel_grad<acc>(sbuf + p, kBlock, tbuf + p, kBlock, pb.C, pb.logits, st, scale[p], gsbuf + p, kBlock,
+                         gtbuf + p, kBlock);
+    }
+  }
+}
+
+std::array<int64_t, 4> strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// Per-pixel weighted KL (B, H*W) and validity weights (B, H*W), in acc.
+template <typename scalar_t, typename acc>
+void forward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t, const at::Tensor& src_acc,
+                    const at::Tensor& params_acc, at::Tensor& kl, at::Tensor& weights) {
+  const scalar_t* sp = s.const_data_ptr<scalar_t>();
+  const scalar_t* tp = t.const_data_ptr<scalar_t>();
+  const acc* srcp = src_acc.const_data_ptr<acc>();
+  const acc* parp = params_acc.const_data_ptr<acc>();
+  acc* klp = kl.mutable_data_ptr<acc>();
+  acc* wp = weights.mutable_data_ptr<acc>();
+  const auto ss = strides4(s), ts = strides4(t);
+  const int64_t blocks_per_row = (pb.W + kBlock - 1) / kBlock;
+  at::parallel_for(0, pb.B * pb.H * blocks_per_row, 1, [&](int64_t begin, int64_t end) {
+    Block<acc> blk;
+    std::vector<acc> sbuf(pb.C * kBlock), tbuf(pb.C * kBlock);
+    acc out[kBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (pb.H * blocks_per_row);
+      const int64_t i = (task / blocks_per_row) % pb.H;
+      const int64_t j0 = (task % blocks_per_row) * kBlock;
+      locate_block<scalar_t, acc>(pb, srcp + b * pb.n * 2, parp + b * (pb.n + 3) * 2, i, j0, blk);
+      gather_block<scalar_t, acc>(pb, blk, sp + b * ss[0], ss.data(), tp + b * ts[0], ts.data(), i, j0, sbuf.data(),
+                                  tbuf.data());
+      block_kl<acc>(pb, blk.P, sbuf.data(), tbuf.data(), out);
+      const int64_t o = b * pb.H * pb.W + i * pb.W + j0;
+      for (int64_t p = 0; p < blk.P; ++p) {
+        wp[o + p] = blk.valid[p];
+        klp[o + p] = blk.valid[p] != acc(0) ? out[p] : acc(0);
+      }
+    }
+  });
+}
+
+at::Tensor warped_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
+                             const at::Tensor& params, bool teacher_is_logits, bool align_corners,
+                             c10::string_view reduction) {
+  const auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+  auto kl = at::zeros({pb.B, pb.H * pb.W}, student_logits.options().dtype(pb.acc_dtype));
+  auto weights = at::zeros({pb.B, pb.H * pb.W}, kl.options());
+  if (kl.numel() > 0 && pb.C > 0 && pb.Ht > 0 && pb.Wt > 0) {
+    auto s = student_logits.to(pb.in_dtype);
+    auto t = teacher.to(pb.in_dtype);
+    auto src_acc = src.to(pb.acc_dtype).contiguous();
+    auto params_acc = params.to(pb.acc_dtype).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pb.in_dtype, "warped_kl_div_cpu", [&] {
+      if (pb.acc_dtype == at::kDouble)
+        forward_pixels<scalar_t, double>(pb, s, t, src_acc, params_acc, kl, weights);
+      else
+        forward_pixels<scalar_t, float>(pb, s, t, src_acc, params_acc, kl, weights);
+    });
+  }
+  return kl_reduce(kl, weights, pb.reduction, {pb.B, pb.H, pb.W});
+}
+
+template <typename scalar_t, typename acc>
+void backward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t, const at::Tensor& src_acc,
+                     const at::Tensor& params_acc, const at::Tensor& weights, const at::Tensor& factor,
+                     at::Tensor* grad_s, at::Tensor* grad_t_acc, at::Tensor* row_partials) {
+  const scalar_t* sp = s.const_data_ptr<scalar_t>();
+  const scalar_t* tp = t.const_data_ptr<scalar_t>();
+  const acc* srcp = src_acc.const_data_ptr<acc>();
+  const acc* parp = params_acc.const_data_ptr<acc>();
+  const acc* wp = weights.const_data_ptr<acc>();
+  const acc* fp = factor.const_data_ptr<acc>();
+  const bool per_pixel_factor = factor.dim() != 0;
+  const auto ss = strides4(s), ts = strides4(t);
+  scalar_t* gsp = grad_s ? grad_s->mutable_data_ptr<scalar_t>() : nullptr;
+  const auto gss = grad_s ? strides4(*grad_s) : std::array<int64_t, 4>{0, 0, 0, 0};
+  acc* gtp = grad_t_acc ? grad_t_acc->mutable_data_ptr<acc>() : nullptr;  // contiguous (B, C, Ht, Wt)
+  acc* rowp = row_partials ? row_partials->mutable_data_ptr<acc>() : nullptr;  // (B * H, 2n + 2(n + 3))
+  const int64_t n = pb.n, row_len = 2 * n + 2 * (n + 3);
+  const acc sx = normalized_to_pixel_scale<acc>(pb.Wt, pb.align_corners);
+  const acc sy = normalized_to_pixel_scale<acc>(pb.Ht, pb.align_corners);
+
+  // One task = one output row (b, i): its parameter partials have a fixed owner, and with a
+  // teacher gradient the tasks of one image run in order on one thread (deterministic scatter).
+  auto run_row = [&](int64_t b, int64_t i, Block<acc>& blk, acc* sbuf, acc* tbuf, acc* gsbuf, acc* gtbuf) {
+    acc* part = rowp ? rowp + (b * pb.H + i) * row_len : nullptr;
+    acc scale[kBlock];
+    for (int64_t j0 = 0; j0 < pb.W; j0 += kBlock) {
+      locate_block<scalar_t, acc>(pb, srcp + b * n * 2, parp + b * (n + 3) * 2, i, j0, blk);
+      gather_block<scalar_t, acc>(pb, blk, sp + b * ss[0], ss.data(), tp + b * ts[0], ts.data(), i, j0, sbuf, tbuf);
+      const int64_t o = b * pb.H * pb.W + i * pb.W + j0;
+      for (int64_t p = 0; p < blk.P; ++p) scale[p] = (per_pixel_factor ? fp[o + p] : fp[0]) * wp[o + p];
+      block_kl_grad<acc>(pb, blk.P, sbuf, tbuf, scale, gsbuf, gtbuf);
+      if (gsp) {
+        for (int64_t c = 0; c < pb.C; ++c) {
+          scalar_t* dst = gsp + b * gss[0] + c * gss[1] + i * gss[2] + j0 * gss[3];
+          for (int64_t p = 0; p < blk.P; ++p) dst[p * gss[3]] = static_cast<scalar_t>(gsbuf[c * kBlock + p]);
+        }
+      }
+      if (gtp) {
+        for (int64_t c = 0; c < pb.C; ++c) {
+          acc* plane = gtp + (b * pb.C + c) * pb.Ht * pb.Wt;
+          for (int64_t p = 0; p < blk.P; ++p)
+            bilinear_scatter(blk.tap[p], pb.Wt, 1, gtbuf[c * kBlock + p], [&](int64_t off, acc v) { plane[off] += v; });
+        }
+      }
+      if (part) {
+        for (int64_t p = 0; p < blk.P; ++p) {
+          if (scale[p] == acc(0)) continue;
+          acc dpx = 0, dpy = 0;
+          for (int64_t c = 0; c < pb.C; ++c) {
+            const auto g = bilinear_sample_coord_grad<scalar_t, acc>(tp + b * ts[0] + c * ts[1], ts[2], ts[3],
+                                                                     blk.tap[p], acc(0), gtbuf[c * kBlock + p]);
+            dpx += g.x;
+            dpy += g.y;
+          }
+          tps_eval_backward<acc>(blk.qx[p], blk.qy[p], srcp + b * n * 2, parp + b * (n + 3) * 2, n,
+                                 Vec2<acc>{dpx * sx, dpy * sy}, part, part + 2 * n);
+        }
+      }
+    }
+  };
+
+  auto with_buffers = [&](auto&& body) {
+    Block<acc> blk;
+    std::vector<acc> sbuf(pb.C * kBlock), tbuf(pb.C * kBlock), gsbuf(pb.C * kBlock), gtbuf(pb.C * kBlock);
+    body(blk, sbuf.data(), tbuf.data(), gsbuf.data(), gtbuf.data());
+  };
+  if (gtp) {
+    at::parallel_for(0, pb.B, 1, [&](int64_t begin, int64_t end) {
+      with_buffers([&](Block<acc>& blk, acc* sb, acc* tb, acc* gsb, acc* gtb) {
+        for (int64_t b = begin; b < end; ++b)
+          for (int64_t i = 0; i < pb.H; ++i) run_row(b, i, blk, sb, tb, gsb, gtb);
+      });
+    });
+  } else {
+    at::parallel_for(0, pb.B * pb.H, 1, [&](int64_t begin, int64_t end) {
+      with_buffers([&](Block<acc>& blk, acc* sb, acc* tb, acc* gsb, acc* gtb) {
+        for (int64_t r = begin; r < end; ++r) run_row(r / pb.H, r % pb.H, blk, sb, tb, gsb, gtb);
+      });
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
+    const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
+    std::array<bool, 4> output_mask) {
+  const auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+  const bool need_coords = output_mask[2] || output_mask[3];
+  auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };
+  at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : placeholder(student_logits);
+  at::Tensor grad_t = output_mask[1] ? at::zeros_like(teacher) : placeholder(teacher);
+  at::Tensor grad_src = output_mask[2] ? at::zeros_like(src) : placeholder(src);
+  at::Tensor grad_params = output_mask[3] ? at::zeros_like(params) : placeholder(params);
+  const int64_t N = pb.H * pb.W;
+  if (pb.B * N == 0 || pb.C == 0 || pb.Ht == 0 || pb.Wt == 0 || !(output_mask[0] || output_mask[1] || need_coords)) {
+    if (output_mask[0]) grad_s.zero_();
+    return {grad_s, grad_t, grad_src, grad_params};
+  }
+  auto s = student_logits.to(pb.in_dtype);
+  auto t = teacher.to(pb.in_dtype);
+  auto src_acc = src.to(pb.acc_dtype).contiguous();
+  auto params_acc = params.to(pb.acc_dtype).contiguous();
+  // The validity weights first (the mean's denominator), then the gradients.
+  auto kl = at::zeros({pb.B, N}, student_logits.options().dtype(pb.acc_dtype));
+  auto weights = at::zeros({pb.B, N}, kl.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pb.in_dtype, "warped_kl_div_cpu_valid", [&] {
+    if (pb.acc_dtype == at::kDouble)
+      forward_pixels<scalar_t, double>(pb, s, t, src_acc, params_acc, kl, weights);
+    else
+      forward_pixels<scalar_t, float>(pb, s, t, src_acc, params_acc, kl, weights);
+  });
+  auto factor = kl_grad_factor(grad_loss, weights, pb.reduction, pb.B, N, pb.acc_dtype);
+
+  at::Tensor gs = output_mask[0] && grad_s.scalar_type() != pb.in_dtype
+                      ? at::empty_like(grad_s, grad_s.options().dtype(pb.in_dtype))
+                      : grad_s;
+  at::Tensor gt_acc = output_mask[1] ? at::zeros({pb.B, pb.C, pb.Ht, pb.Wt}, kl.options()) : at::Tensor();
+  at::Tensor partials = need_coords ? at::zeros({pb.B * pb.H, 2 * pb.n + 2 * (pb.n + 3)}, kl.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pb.in_dtype, "warped_kl_div_backward_cpu", [&] {
+    auto run = [&](auto acc_tag) {
+      using acc = decltype(acc_tag);
+      backward_pixels<scalar_t, acc>(pb, s, t, src_acc, params_acc, weights, factor, output_mask[0] ? &gs : nullptr,
+                                     output_mask[1] ? &gt_acc : nullptr, need_coords ? &partials : nullptr);
+    };
+    if (pb.acc_dtype == at::kDouble)
+      run(double{});
+    else
+      run(float{});
+  });
+  if (output_mask[0] && !gs.is_same(grad_s)) grad_s.copy_(gs);
+  if (output_mask[1]) grad_t.copy_(gt_acc);
+  if (need_coords) {
+    // Rows summed in a fixed order (deterministic whatever the thread count).
+    auto per_item = partials.view({pb.B, pb.H, -1}).sum(1);
+    if (output_mask[2]) grad_src.copy_(per_item.narrow(1, 0, 2 * pb.n).view({pb.B, pb.n, 2}));
+    if (output_mask[3]) grad_params.copy_(per_item.narrow(1, 2 * pb.n, 2 * (pb.n + 3)).view({pb.B, pb.n + 3, 2}));
+  }
+  return {grad_s, grad_t, grad_src, grad_params};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tpswarp, CPU, m) {
+  m.impl("warped_kl_div", &warped_kl_div_cpu);
+  m.impl("_warped_kl_div_backward", &warped_kl_div_backward_cpu);
+}
+
+}  // namespace tpswarp

@@ -1,0 +1,350 @@
+// CUDA kernels of tpswarp::tps_warp and its backward: one thread per output pixel, the grid
+// computed on the fly with tpswarp/tps.h and sampled with tpswarp/sampling.h (the math the CPU
+// kernels and tests use).
+//
+// Backward:
+// - image gradient: scatter-add with atomicAdd into a buffer of the compute dtype. The order of
+//   the atomic additions varies between runs, so this part is NOT deterministic; with
+//   torch.use_deterministic_algorithms(True) it raises (alertNotDeterministic) when the image
+//   gradient is requested. (A deterministic gather formulation is left for later.)
+// - src / params gradients: deterministic. Each block (256 pixels of one batch item) reduces its
+//   threads' contributions with a fixed tree (warp shuffles, then across warps) into a partial
+//   buffer (B, blocks, P); a second kernel sums the blocks in order. No host synchronization.
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstring>
+
+#include "tpswarp/sampling.h"
+#include "tpswarp/tps.h"
+#include "tpswarp/warp_args.h"
+
+namespace tpswarp {
+namespace {
+
+constexpr const char* kOp = "tps_warp";
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename acc> struct GeoArgs {
+  int64_t B, C, H, W, Ho, Wo, n;
+  Padding padding;
+  bool align_corners;
+  const acc* src;     // (B, n, 2) contiguous
+  const acc* params;  // (B, n + 3, 2) contiguous
+};
+
+template <typename acc> GeoArgs<acc> geo_args(const WarpConfig& cfg, const at::Tensor& src, const at::Tensor& params) {
+  return {cfg.B, cfg.C, cfg.H, cfg.W, cfg.Ho, cfg.Wo, cfg.n, cfg.padding, cfg.align_corners,
+          src.const_data_ptr<acc>(), params.const_data_ptr<acc>()};
+}
+
+// f(q) of output pixel (i, j) of batch item b.
+template <typename acc> __device__ inline Vec2<acc> warp_point(const GeoArgs<acc>& g, int64_t b, int64_t i, int64_t j) {
+  const acc qx = pixel_to_normalized<acc>(j, g.Wo, g.align_corners);
+  const acc qy = pixel_to_normalized<acc>(i, g.Ho, g.align_corners);
+  return tps_eval<acc>(qx, qy, g.src + b * 2 * g.n, g.params + b * 2 * (g.n + 3), g.n);
+}
+
+template <typename scalar_t, typename acc>
+__global__ void forward_bilinear_kernel(GeoArgs<acc> g, const scalar_t* __restrict__ image, Strides4 is,
+                                        scalar_t* __restrict__ out, Strides4 os, bool* __restrict__ valid, acc fill) {
+  const int64_t npix = g.Ho * g.Wo, total = g.B * npix;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / npix, p = idx % npix, i = p / g.Wo, j = p % g.Wo;
+    const auto f = warp_point(g, b, i, j);
+    valid[idx] = in_pixel_hull(f.x, f.y, g.H, g.W, g.align_corners);
+    const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners);
+    const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners);
+    const auto tap = bilinear_tap(px, py, g.H, g.W);
+    const scalar_t* img = image + b * is.b;
+    scalar_t* o = out + b * os.b + i * os.h + j * os.w;
+    for (int64_t c = 0; c < g.C; ++c) {
+      o[c * os.c] = static_cast<scalar_t>(bilinear_sample(img + c * is.c, is.h, is.w, tap, fill));
+    }
+  }
+}
+
+// Nearest sampling copies elements: raw_t is an unsigned type of the image's element size.
+template <typename raw_t, typename acc>
+__global__ void forward_nearest_kernel(GeoArgs<acc> g, const raw_t* __restrict__ image, Strides4 is,
+                                       raw_t* __restrict__ out, Strides4 os, bool* __restrict__ valid, raw_t fill) {
+  const int64_t npix = g.Ho * g.Wo, total = g.B * npix;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / npix, p = idx % npix, i = p / g.Wo, j = p % g.Wo;
+    const auto f = warp_point(g, b, i, j);
+    valid[idx] = in_pixel_hull(f.x, f.y, g.H, g.W, g.align_corners);
+    const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners);
+    const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners);
+    const NearestTap tap = nearest_tap(px, py, g.H, g.W);
+    const raw_t* img = image + b * is.b + tap.y * is.h + tap.x * is.w;
+    raw_t* o = out + b * os.b + i * os.h + j * os.w;
+    for (int64_t c = 0; c < g.C; ++c) o[c * os.c] = tap.inside ? img[c * is.c] : fill;
+  }
+}
+
+// Sum of K values over the block (fixed tree: deterministic); the result is valid in thread 0.
+// `shared` holds kWarps * K values; the block must be kThreads threads, all of them calling.
+template <typename acc, int K> __device__ inline void block_sum(acc (&v)[K], acc* shared) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v[k] += __shfl_down_sync(0xffffffffu, v[k], offset);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) shared[warp * K + k] = v[k];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      acc s = shared[k];
+      for (int w = 1; w < kWarps; ++w) s += shared[w * K + k];
+      v[k] = s;
+    }
+  }
+  __syncthreads();  // `shared` may be reused right after
+}
+
+// grid (blocks per batch item, min(B, 65535)), kThreads threads. `grad_image` (compute dtype,
+// strides gis) is null when not requested; `partials` (B, gridDim.x, P) is null when the TPS
+// gradients are not requested (or the mode is nearest).
+template <typename scalar_t, typename acc>
+__global__ void __launch_bounds__(kThreads) backward_kernel(GeoArgs<acc> g, Interp mode, const scalar_t* __restrict__ image,
+                                                            Strides4 is, const scalar_t* __restrict__ grad_out, Strides4 gs,
+                                                            acc* grad_image, Strides4 gis, acc* __restrict__ partials,
+                                                            int64_t P, acc fill) {
+  __shared__ acc shared[kWarps * 6];
+  const int64_t npix = g.Ho * g.Wo, n = g.n;
+  const int64_t p = blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  const bool active = p < npix;
+  const int64_t i = active ? p / g.Wo : 0, j = active ? p % g.Wo : 0;
+  const acc qx = pixel_to_normalized<acc>(j, g.Wo, g.align_corners);
+  const acc qy = pixel_to_normalized<acc>(i, g.Ho, g.align_corners);
+  for (int64_t b = blockIdx.y; b < g.B; b += gridDim.y) {
+    const acc* src = g.src + b * 2 * n;
+    const acc* params = g.params + b * 2 * (n + 3);
+    acc gfx = 0, gfy = 0;  // gradient w.r.t. f(q) of this pixel
+    if (active) {
+      const auto f = tps_eval<acc>(qx, qy, src, params, n);
+      const scalar_t* go = grad_out + b * gs.b + i * gs.h + j * gs.w;
+      if (mode == Interp::Nearest) {
+        if (grad_image) {
+          const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners);
+          const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners);
+          const NearestTap tap = nearest_tap(px, py, g.H, g.W);
+          if (tap.inside) {
+            acc* gp = grad_image + b * gis.b + tap.y * gis.h + tap.x * gis.w;
+            for (int64_t c = 0; c < g.C; ++c) atomicAdd(gp + c * gis.c, static_cast<acc>(go[c * gs.c]));
+          }
+        }
+      } else {
+        acc dpx = 0, dpy = 0;
+        const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners, &dpx);
+        const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners, &dpy);
+        const auto tap = bilinear_tap(px, py, g.H, g.W);
+        const scalar_t* img = image + b * is.b;
+        acc gpx = 0, gpy = 0;
+        for (int64_t c = 0; c < g.C; ++c) {
+          const acc gc = static_cast<acc>(go[c * gs.c]);
+          if (partials) {
+            const auto d = bilinear_sample_coord_grad(img + c * is.c, is.h, is.w, tap, fill, gc);
+            gpx += d.x;
+            gpy += d.y;
+          }
+          if (grad_image) {
+            acc* gp = grad_image + b * gis.b + c * gis.c;
+            bilinear_scatter(tap, gis.h, gis.w, gc, [gp](int64_t off, acc value) { atomicAdd(gp + off, value); });
+          }
+        }
+        gfx = gpx * dpx;
+        gfy = gpy * dpy;
+      }
+    }
+    if (partials == nullptr) continue;  // uniform over the grid
+    acc* part = partials + (b * gridDim.x + blockIdx.x) * P;  // grad src [0, 2n), grad params [2n, P)
+    {
+      acc v[6] = {gfx, gfy, gfx * qx, gfy * qx, gfx * qy, gfy * qy};
+      block_sum(v, shared);
+      if (threadIdx.x == 0) {
+        for (int k = 0; k < 6; ++k) part[2 * n + 2 * n + k] = v[k];
+      }
+    }
+    for (int64_t c = 0; c < n; ++c) {
+      // The terms of tps_eval_backward for control point c.
+      const acc dx = qx - src[2 * c], dy = qy - src[2 * c + 1];
+      const acc r2 = dx * dx + dy * dy;
+      const acc phi = tps_phi(r2);
+      const acc k = acc(2) * (gfx * params[2 * c] + gfy * params[2 * c + 1]) * tps_dphi_dr2(r2);
+      acc v[4] = {gfx * phi, gfy * phi, -k * dx, -k * dy};
+      block_sum(v, shared);
+      if (threadIdx.x == 0) {
+        part[2 * n + 2 * c] = v[0];
+        part[2 * n + 2 * c + 1] = v[1];
+        part[2 * c] = v[2];
+        part[2 * c + 1] = v[3];
+      }
+    }
+  }
+}
+
+// total[b, k] = sum over blocks, in order, of partials[b, block, k].
+template <typename acc>
+__global__ void sum_partials_kernel(const acc* __restrict__ partials, acc* __restrict__ total, int64_t B, int64_t blocks,
+                                    int64_t P) {
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < B * P; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / P, k = idx % P;
+    const acc* p = partials + b * blocks * P + k;
+    acc s = 0;
+    for (int64_t blk = 0; blk < blocks; ++blk) s += p[blk * P];
+    total[idx] = s;
+  }
+}
+
+int grid_for(int64_t total) { return static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8)); }
+
+template <typename F> void dispatch_compute(at::ScalarType ct, F&& f) {
+  if (ct == at::kDouble) {
+    f(double{});
+  } else {
+    f(float{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> tps_warp_cuda(const at::Tensor& image, const at::Tensor& src, const at::Tensor& params,
+                                                 c10::string_view mode, c10::string_view padding_mode,
+                                                 bool align_corners, double fill, at::OptionalIntArrayRef size) {
+  const WarpConfig cfg = warp_config(image, src, params, mode, padding_mode, align_corners, fill, size, kOp);
+  c10::cuda::CUDAGuard guard(image.device());
+  const auto ct = warp_compute_dtype(image, src, params);
+  auto out = at::empty({cfg.B, cfg.C, cfg.Ho, cfg.Wo}, image.options().memory_format(warp_memory_format(image)));
+  auto valid = at::empty({cfg.B, 1, cfg.Ho, cfg.Wo}, image.options().dtype(at::kBool));
+  const int64_t total = valid.numel();
+  if (total == 0) return {out, valid};
+  const uint64_t fill_raw = cfg.mode == Interp::Nearest ? warp_fill_bits(fill, image.scalar_type()) : 0;
+  const auto s = src.to(ct).contiguous();
+  const auto p = params.to(ct).contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const Strides4 is = strides4(image), os = strides4(out);
+  dispatch_compute(ct, [&](auto zero) {
+    using acc = decltype(zero);
+    const auto g = geo_args<acc>(cfg, s, p);
+    if (cfg.mode == Interp::Bilinear) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "tps_warp_cuda", [&] {
+        forward_bilinear_kernel<scalar_t, acc><<<grid_for(total), kThreads, 0, stream>>>(
+            g, image.const_data_ptr<scalar_t>(), is, out.mutable_data_ptr<scalar_t>(), os,
+            valid.mutable_data_ptr<bool>(), static_cast<acc>(fill));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    } else {
+      auto launch = [&](auto raw_zero) {
+        using raw_t = decltype(raw_zero);
+        raw_t fill_value;
+        std::memcpy(&fill_value, &fill_raw, sizeof(raw_t));
+        forward_nearest_kernel<raw_t, acc><<<grid_for(total), kThreads, 0, stream>>>(
+            g, static_cast<const raw_t*>(image.const_data_ptr()), is, static_cast<raw_t*>(out.mutable_data_ptr()), os,
+            valid.mutable_data_ptr<bool>(), fill_value);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      switch (image.element_size()) {
+        case 1: launch(uint8_t{}); break;
+        case 2: launch(uint16_t{}); break;
+        case 4: launch(uint32_t{}); break;
+        case 8: launch(uint64_t{}); break;
+        default: TORCH_CHECK_TYPE(false, kOp, ": unsupported `image` dtype ", image.scalar_type());
+      }
+    }
+  });
+  return {out, valid};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& image, const at::Tensor& src, const at::Tensor& params,
+    c10::string_view mode, c10::string_view padding_mode, bool align_corners, double fill,
+    at::OptionalIntArrayRef size, std::array<bool, 3> output_mask) {
+  const WarpConfig cfg = warp_config(image, src, params, mode, padding_mode, align_corners, fill, size, kOp);
+  c10::cuda::CUDAGuard guard(image.device());
+  TORCH_CHECK_VALUE(grad_out_in.dim() == 4 && grad_out_in.size(0) == cfg.B && grad_out_in.size(1) == cfg.C &&
+                        grad_out_in.size(2) == cfg.Ho && grad_out_in.size(3) == cfg.Wo,
+                    kOp, ": `grad_out` must have shape (", cfg.B, ", ", cfg.C, ", ", cfg.Ho, ", ", cfg.Wo, "), got ",
+                    grad_out_in.sizes());
+  TORCH_CHECK(grad_out_in.device() == image.device(), kOp, ": `grad_out` is on ", grad_out_in.device(),
+              " but `image` is on ", image.device());
+  TORCH_CHECK_TYPE(!output_mask[0] || at::isFloatingType(image.scalar_type()), kOp,
+                   ": no gradient w.r.t. an `image` of dtype ", image.scalar_type());
+  const bool need_image = output_mask[0];
+  const bool need_tps = output_mask[1] || output_mask[2];
+  const bool need_coord = need_tps && cfg.mode == Interp::Bilinear;  // nearest: zero TPS gradients
+  if (need_image) {
+    // The image gradient is a scatter with atomicAdd: its summation order varies between runs.
+    at::globalContext().alertNotDeterministic("tps_warp_backward_cuda");
+  }
+  const auto ct = warp_compute_dtype(image, src, params);
+  const auto fmt = warp_memory_format(image);
+  const int64_t P = tps_grad_width(cfg.n);
+  const int64_t npix = cfg.Ho * cfg.Wo;
+  const int64_t blocks = (npix + kThreads - 1) / kThreads;
+
+  at::Tensor grad_acc;
+  if (need_image) grad_acc = at::empty(image.sizes(), image.options().dtype(ct), fmt).zero_();
+  at::Tensor total;
+  if (need_tps) total = at::zeros({cfg.B, P}, src.options().dtype(ct));
+
+  const bool work = cfg.B * npix > 0 && cfg.C > 0 && (need_image || need_coord);
+  if (work) {
+    TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int>::max(), kOp, ": output too large (", cfg.Ho, " x ", cfg.Wo, ")");
+    const auto grad_out = grad_out_in.scalar_type() == image.scalar_type() ? grad_out_in : grad_out_in.to(image.scalar_type());
+    const auto s = src.to(ct).contiguous();
+    const auto p = params.to(ct).contiguous();
+    at::Tensor partials;
+    if (need_coord) partials = at::empty({cfg.B, blocks, P}, src.options().dtype(ct));
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(std::min<int64_t>(cfg.B, 65535)));
+    dispatch_compute(ct, [&](auto zero) {
+      using acc = decltype(zero);
+      const auto g = geo_args<acc>(cfg, s, p);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "tps_warp_backward_cuda", [&] {
+        backward_kernel<scalar_t, acc><<<grid, kThreads, 0, stream>>>(
+            g, cfg.mode, image.const_data_ptr<scalar_t>(), strides4(image), grad_out.const_data_ptr<scalar_t>(),
+            strides4(grad_out), need_image ? grad_acc.mutable_data_ptr<acc>() : nullptr,
+            need_image ? strides4(grad_acc) : Strides4{0, 0, 0, 0}, need_coord ? partials.mutable_data_ptr<acc>() : nullptr,
+            P, static_cast<acc>(fill));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      if (need_coord) {
+        sum_partials_kernel<acc><<<grid_for(cfg.B * P), kThreads, 0, stream>>>(
+            partials.const_data_ptr<acc>(), total.mutable_data_ptr<acc>(), cfg.B, blocks, P);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  }
+
+  at::Tensor grad_image = at::empty({0}, image.options());
+  if (need_image) grad_image = grad_acc.scalar_type() == image.scalar_type() ? grad_acc : grad_acc.to(image.scalar_type(), false, false, at::MemoryFormat::Preserve);
+  at::Tensor grad_src = at::empty({0}, src.options()), grad_params = at::empty({0}, params.options());
+  const int64_t n = cfg.n;
+  if (output_mask[1]) grad_src = total.narrow(1, 0, 2 * n).reshape({cfg.B, n, 2}).to(src.scalar_type()).contiguous();
+  if (output_mask[2]) {
+    grad_params = total.narrow(1, 2 * n, 2 * (n + 3)).reshape({cfg.B, n + 3, 2}).to(params.scalar_type()).contiguous();
+  }
+  return {grad_image, grad_src, grad_params};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tpswarp, CUDA, m) {
+  m.impl("tps_warp", &tps_warp_cuda);
+  m.impl("_tps_warp_backward", &tps_warp_backward_cuda);
+}
+
+}  // namespace tpswarp

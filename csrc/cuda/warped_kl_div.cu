@@ -1,0 +1,295 @@
+// CUDA kernels of tpswarp::warped_kl_div and its backward: one thread per output pixel computes
+// the TPS map, the validity test and the bilinear taps, and loads the warped teacher on the fly
+// inside the KL of tpswarp/kl.h (nothing of size B x C x H x W besides the gradients).
+// Gradients of the TPS parameters: per-block partials (fixed decomposition) summed with
+// at::sum, deterministic. The teacher gradient is a scatter with atomics: with
+// deterministic algorithms requested it raises instead.
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <array>
+
+#include "tpswarp/kl.h"
+#include "tpswarp/kl_args.h"
+#include "tpswarp/sampling.h"
+#include "tpswarp/tps.h"
+#include "tpswarp/tps_args.h"
+
+namespace tpswarp {
+namespace {
+
+constexpr const char* kOp = "warped_kl_div";
+constexpr int kThreads = 256;
+constexpr int kMaxPoints = 16;  // control points supported by the CUDA backward (register accumulators)
+
+struct Strides4 {
+  int64_t b, c, h, w;
+};
+Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+struct Geometry {
+  int64_t B, C, H, W, Ht, Wt, n;
+  bool logits, align_corners;
+};
+
+// Sample location, validity and taps of output pixel (i, j) of item b.
+template <typename acc> struct PixelWarp {
+  acc qx, qy;
+  bool valid;
+  BilinearTap<acc> tap;
+};
+
+template <typename acc>
+__device__ inline PixelWarp<acc> warp_pixel(const Geometry& g, const acc* src_b, const acc* params_b, int64_t i,
+                                            int64_t j) {
+  PixelWarp<acc> w;
+  w.qx = pixel_to_normalized<acc>(j, g.W, g.align_corners);
+  w.qy = pixel_to_normalized<acc>(i, g.H, g.align_corners);
+  const auto f = tps_eval<acc>(w.qx, w.qy, src_b, params_b, g.n);
+  const acc px = normalized_to_pixel(f.x, g.Wt, g.align_corners);
+  const acc py = normalized_to_pixel(f.y, g.Ht, g.align_corners);
+  w.valid = in_pixel_hull<acc>(f.x, f.y, g.Ht, g.Wt, g.align_corners);
+  w.tap = bilinear_tap<acc>(px, py, g.Ht, g.Wt);
+  return w;
+}
+
+template <typename scalar_t, typename acc>
+__global__ void warped_kl_forward_kernel(Geometry g, const scalar_t* __restrict__ s, Strides4 ss,
+                                         const scalar_t* __restrict__ t, Strides4 ts, const acc* __restrict__ src,
+                                         const acc* __restrict__ params, acc* __restrict__ kl, acc* __restrict__ weights) {
+  const int64_t N = g.H * g.W;
+  const int64_t b = blockIdx.y;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = k / g.W, j = k % g.W;
+    const auto w = warp_pixel<acc>(g, src + b * g.n * 2, params + b * (g.n + 3) * 2, i, j);
+    weights[b * N + k] = w.valid ? acc(1) : acc(0);
+    if (!w.valid) {
+      kl[b * N + k] = 0;
+      continue;
+    }
+    const scalar_t* sp = s + b * ss.b + i * ss.h + j * ss.w;
+    const scalar_t* tb = t + b * ts.b;
+    const auto st = kl_pixel_loaded<acc>(
+        [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); },
+        [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0)); }, g.C,
+        g.logits);
+    kl[b * N + k] = st.kl;
+  }
+}
+
+template <typename scalar_t, typename acc>
+__global__ void warped_kl_backward_kernel(Geometry g, const scalar_t* __restrict__ s, Strides4 ss,
+                                          const scalar_t* __restrict__ t, Strides4 ts, const acc* __restrict__ src,
+                                          const acc* __restrict__ params, const acc* __restrict__ weights,
+                                          const acc* __restrict__ factor, int64_t f_step, scalar_t* gs, Strides4 gss,
+                                          acc* gt, acc* partials) {
+  const int64_t N = g.H * g.W;
+  const int64_t b = blockIdx.y;
+  const int64_t n = g.n, row_len = 2 * n + 2 * (n + 3);
+  const acc* src_b = src + b * n * 2;
+  const acc* params_b = params + b * (n + 3) * 2;
+  const acc sx = normalized_to_pixel_scale<acc>(g.Wt, g.align_corners);
+  const acc sy = normalized_to_pixel_scale<acc>(g.Ht, g.align_corners);
+  acc local[2 * kMaxPoints + 2 * (kMaxPoints + 3)];
+  for (int64_t r = 0; r < row_len; ++r) local[r] = 0;
+
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = k / g.W, j = k % g.W;
+    const acc scale = factor[(b * N + k) * f_step] * weights[b * N + k];
+    scalar_t* gsp = gs ? gs + b * gss.b + i * gss.h + j * gss.w : nullptr;
+    if (scale == acc(0)) {
+      if (gsp)
+        for (int64_t c = 0; c < g.C; ++c) gsp[c * gss.c] = scalar_t(0);
+      continue;
+    }
+    const auto w = warp_pixel<acc>(g, src_b, params_b, i, j);
+    const scalar_t* sp = s + b * ss.b + i * ss.h + j * ss.w;
+    const scalar_t* tb = t + b * ts.b;
+    auto load_s = [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); };
+    auto load_t = [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0)); };
+    const auto st = kl_pixel_loaded<acc>(load_s, load_t, g.C, g.logits);
+    acc dpx = 0, dpy = 0;
+    acc* gt_b = gt ? gt + b * g.C * g.Ht * g.Wt : nullptr;
+    kl_pixel_grad_loaded<acc>(
+        load_s, load_t, g.C, g.logits, st, scale, gsp != nullptr,
+        [&](int64_t c, acc v) { gsp[c * gss.c] = static_cast<scalar_t>(v); }, gt_b != nullptr || partials != nullptr,
+        [&](int64_t c, acc v) {
+          if (gt_b) {
+            acc* plane = gt_b + c * g.Ht * g.Wt;
+            bilinear_scatter(w.tap, g.Wt, 1, v, [&](int64_t off, acc x) { atomicAdd(plane + off, x); });
+          }
+          if (partials) {
+            const auto d = bilinear_sample_coord_grad<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0), v);
+            dpx += d.x;
+            dpy += d.y;
+          }
+        });
+    if (partials)
+      tps_eval_backward<acc>(w.qx, w.qy, src_b, params_b, n, Vec2<acc>{dpx * sx, dpy * sy}, local, local + 2 * n);
+  }
+
+  if (partials) {
+    // Block reduction of the per-thread accumulators into this block's partial row.
+    __shared__ acc shared[kThreads];
+    acc* out = partials + (b * gridDim.x + blockIdx.x) * row_len;
+    for (int64_t r = 0; r < row_len; ++r) {
+      shared[threadIdx.x] = local[r];
+      __syncthreads();
+      for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+        __syncthreads();
+      }
+      if (threadIdx.x == 0) out[r] = shared[0];
+      __syncthreads();
+    }
+  }
+}
+
+struct Prepared {
+  Geometry g;
+  Reduction reduction;
+  at::ScalarType in_dtype, acc_dtype;
+  at::Tensor s, t, src, params;
+};
+
+Prepared prepare(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& src, const at::Tensor& params,
+                 bool teacher_is_logits, bool align_corners, c10::string_view reduction) {
+  check_kl_tensor(student, "student_logits", kOp);
+  check_kl_tensor(teacher, "teacher", kOp);
+  TORCH_CHECK_VALUE(student.dim() == 4, kOp, ": `student_logits` must be 4-D (B, C, H, W), got ", student.sizes());
+  TORCH_CHECK_VALUE(teacher.dim() == 4, kOp, ": `teacher` must be 4-D (B, C, H, W), got ", teacher.sizes());
+  TORCH_CHECK_VALUE(teacher.size(0) == student.size(0) && teacher.size(1) == student.size(1), kOp, ": `teacher` ",
+                    teacher.sizes(), " and `student_logits` ", student.sizes(),
+                    " must agree in batch size and classes");
+  check_tps_params_args(src, params, student.size(0), kOp);
+  check_same_device(student, "student_logits", teacher, "teacher", kOp);
+  check_same_device(student, "student_logits", src, "src", kOp);
+  TORCH_CHECK_VALUE(student.size(0) <= 65535, kOp, ": the CUDA kernels support at most 65535 batch items, got ",
+                    student.size(0));
+  Prepared p;
+  p.g = {student.size(0), student.size(1), student.size(2), student.size(3), teacher.size(2), teacher.size(3),
+         src.size(1), teacher_is_logits, align_corners};
+  p.reduction = parse_reduction(reduction, kOp);
+  const bool any_double = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble ||
+                          params.scalar_type() == at::kDouble;
+  p.acc_dtype = any_double ? at::kDouble : at::kFloat;
+  p.in_dtype = student.scalar_type() == teacher.scalar_type() ? student.scalar_type() : p.acc_dtype;
+  p.s = student.to(p.in_dtype);
+  p.t = teacher.to(p.in_dtype);
+  p.src = src.to(p.acc_dtype).contiguous();
+  p.params = params.to(p.acc_dtype).contiguous();
+  return p;
+}
+
+dim3 grid_for(int64_t N, int64_t B) {
+  return dim3(static_cast<unsigned>(std::min<int64_t>((N + kThreads - 1) / kThreads, 1024)), static_cast<unsigned>(B));
+}
+
+void launch_forward(const Prepared& p, at::Tensor& kl, at::Tensor& weights) {
+  const int64_t N = p.g.H * p.g.W;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.in_dtype, "warped_kl_div_cuda", [&] {
+    auto run = [&](auto acc_tag) {
+      using acc = decltype(acc_tag);
+      warped_kl_forward_kernel<scalar_t, acc><<<grid_for(N, p.g.B), kThreads, 0, stream>>>(
+          p.g, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
+          p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), kl.mutable_data_ptr<acc>(),
+          weights.mutable_data_ptr<acc>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (p.acc_dtype == at::kDouble)
+      run(double{});
+    else
+      run(float{});
+  });
+}
+
+at::Tensor warped_kl_div_cuda(const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
+                              const at::Tensor& params, bool teacher_is_logits, bool align_corners,
+                              c10::string_view reduction) {
+  c10::cuda::CUDAGuard guard(student_logits.device());
+  auto p = prepare(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+  auto kl = at::zeros({p.g.B, p.g.H * p.g.W}, student_logits.options().dtype(p.acc_dtype));
+  auto weights = at::zeros_like(kl);
+  if (kl.numel() > 0 && p.g.C > 0 && p.g.Ht > 0 && p.g.Wt > 0) launch_forward(p, kl, weights);
+  return kl_reduce(kl, weights, p.reduction, {p.g.B, p.g.H, p.g.W});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
+    const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
+    std::array<bool, 4> output_mask) {
+  c10::cuda::CUDAGuard guard(student_logits.device());
+  auto p = prepare(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+  const bool need_coords = output_mask[2] || output_mask[3];
+  TORCH_CHECK_VALUE(!need_coords || p.g.n <= kMaxPoints, kOp, ": the CUDA backward to `src`/`params` supports at most ",
+                    kMaxPoints, " control points, got n=", p.g.n, "; use the reference backend for more");
+  if (output_mask[1]) at::globalContext().alertNotDeterministic("warped_kl_div_backward_cuda (teacher gradient)");
+  auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };
+  at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : placeholder(student_logits);
+  at::Tensor grad_t = output_mask[1] ? at::zeros_like(teacher) : placeholder(teacher);
+  at::Tensor grad_src = output_mask[2] ? at::zeros_like(src) : placeholder(src);
+  at::Tensor grad_params = output_mask[3] ? at::zeros_like(params) : placeholder(params);
+  const int64_t N = p.g.H * p.g.W;
+  if (p.g.B * N == 0 || p.g.C == 0 || p.g.Ht == 0 || p.g.Wt == 0 ||
+      !(output_mask[0] || output_mask[1] || need_coords)) {
+    if (output_mask[0]) grad_s.zero_();
+    return {grad_s, grad_t, grad_src, grad_params};
+  }
+  auto kl = at::zeros({p.g.B, N}, student_logits.options().dtype(p.acc_dtype));
+  auto weights = at::zeros_like(kl);
+  launch_forward(p, kl, weights);  // the validity weights: the mean's denominator, on the device
+  auto factor = kl_grad_factor(grad_loss, weights, p.reduction, p.g.B, N, p.acc_dtype);
+  at::Tensor gs = output_mask[0] && grad_s.scalar_type() != p.in_dtype
+                      ? at::empty_like(grad_s, grad_s.options().dtype(p.in_dtype))
+                      : grad_s;
+  at::Tensor gt_acc = output_mask[1] ? at::zeros({p.g.B, p.g.C, p.g.Ht, p.g.Wt}, kl.options()) : at::Tensor();
+  const dim3 grid = grid_for(N, p.g.B);
+  const int64_t row_len = 2 * p.g.n + 2 * (p.g.n + 3);
+  at::Tensor partials = need_coords ? at::zeros({p.g.B, int64_t(grid.x), row_len}, kl.options()) : at::Tensor();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.in_dtype, "warped_kl_div_backward_cuda", [&] {
+    auto run = [&](auto acc_tag) {
+      using acc = decltype(acc_tag);
+      warped_kl_backward_kernel<scalar_t, acc><<<grid, kThreads, 0, stream>>>(
+          p.g, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
+          p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), weights.const_data_ptr<acc>(),
+          factor.const_data_ptr<acc>(), factor.dim() == 0 ? 0 : 1,
+          output_mask[0] ? gs.mutable_data_ptr<scalar_t>() : nullptr,
+          output_mask[0] ? strides_of(gs) : Strides4{0, 0, 0, 0},
+          output_mask[1] ? gt_acc.mutable_data_ptr<acc>() : nullptr,
+          need_coords ? partials.mutable_data_ptr<acc>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (p.acc_dtype == at::kDouble)
+      run(double{});
+    else
+      run(float{});
+  });
+  if (output_mask[0] && !gs.is_same(grad_s)) grad_s.copy_(gs);
+  if (output_mask[1]) grad_t.copy_(gt_acc);
+  if (need_coords) {
+    auto per_item = partials.sum(1);
+    if (output_mask[2]) grad_src.copy_(per_item.narrow(1, 0, 2 * p.g.n).view({p.g.B, p.g.n, 2}));
+    if (output_mask[3]) grad_params.copy_(per_item.narrow(1, 2 * p.g.n, 2 * (p.g.n + 3)).view({p.g.B, p.g.n + 3, 2}));
+  }
+  return {grad_s, grad_t, grad_src, grad_params};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tpswarp, CUDA, m) {
+  m.impl("warped_kl_div", &warped_kl_div_cuda);
+  m.impl("_warped_kl_div_backward", &warped_kl_div_backward_cuda);
+}
+
+}  // namespace tpswarp

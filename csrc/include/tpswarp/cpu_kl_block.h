@@ -1,0 +1,122 @@
+// The per-pixel KL of tpswarp/kl.h evaluated for a block of up to kKLBlock consecutive pixels
+// whose classes are `cs` elements apart and whose pixels are adjacent (unit stride): the
+// inner loops run over pixels and auto-vectorize (CPU only, float accumulation).
+#pragma once
+
+#include <cstdint>
+
+#include "tpswarp/common.h"
+#include "tpswarp/cpu_fastmath.h"
+
+namespace tpswarp {
+namespace cpu {
+
+constexpr int64_t kKLBlock = 64;
+
+// x86-64 builds get an AVX2+FMA clone chosen at load time; other targets the plain code.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TPSWARP_CPU_CLONES __attribute__((noinline, target_clones("arch=haswell", "default")))
+#else
+#define TPSWARP_CPU_CLONES
+#endif
+
+struct KLBlockStats {
+  float s_max[kKLBlock], log_zs[kKLBlock], t_max[kKLBlock], log_zt[kKLBlock], kl[kKLBlock], p_sum[kKLBlock];
+};
+
+template <typename S, typename T, bool kLogits>
+TPSWARP_CPU_CLONES void kl_block_stats(const S* s, int64_t scs, const T* t, int64_t tcs, int64_t C, int64_t P, KLBlockStats& st) {
+  float zs[kKLBlock], zt[kKLBlock], cross[kKLBlock], plogp[kKLBlock], psum[kKLBlock];
+  for (int64_t p = 0; p < P; ++p) {
+    st.s_max[p] = static_cast<float>(s[p]);
+    st.t_max[p] = static_cast<float>(t[p]);
+    zs[p] = zt[p] = cross[p] = plogp[p] = psum[p] = 0.f;
+  }
+  for (int64_t c = 1; c < C; ++c) {
+    const S* sc = s + c * scs;
+    const T* tc = t + c * tcs;
+#pragma omp simd
+    for (int64_t p = 0; p < P; ++p) {
+      const float v = static_cast<float>(sc[p]);
+      st.s_max[p] = v > st.s_max[p] ? v : st.s_max[p];
+      if (kLogits) {
+        const float u = static_cast<float>(tc[p]);
+        st.t_max[p] = u > st.t_max[p] ? u : st.t_max[p];
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const S* sc = s + c * scs;
+    const T* tc = t + c * tcs;
+#pragma omp simd
+    for (int64_t p = 0; p < P; ++p) {
+      const float sv = static_cast<float>(sc[p]) - st.s_max[p];
+      zs[p] += fast_exp(sv);
+      const float tv = static_cast<float>(tc[p]);
+      if (kLogits) {
+        const float tsh = tv - st.t_max[p];
+        const float e = fast_exp(tsh);
+        zt[p] += e;
+        cross[p] += e * (tsh - sv);
+      } else {
+        const float pl = tv * fast_log(tv);
+        plogp[p] += tv > 0.f ? pl : 0.f;
+        cross[p] += tv * sv;
+        psum[p] += tv;
+      }
+    }
+  }
+#pragma omp simd
+  for (int64_t p = 0; p < P; ++p) {
+    st.log_zs[p] = fast_log(zs[p]);
+    if (kLogits) {
+      st.log_zt[p] = fast_log(zt[p]);
+      st.p_sum[p] = 1.f;
+      st.kl[p] = cross[p] / zt[p] - st.log_zt[p] + st.log_zs[p];
+    } else {
+      st.log_zt[p] = 0.f;
+      st.p_sum[p] = psum[p];
+      st.kl[p] = plogp[p] - cross[p] + st.log_zs[p] * psum[p];
+    }
+  }
+}
+
+// Gradients of scale[p] * KL_p (see kl_pixel_grad in tpswarp/kl.h). gs / gt may be null;
+// they are written with unit pixel stride and class strides gscs / gtcs. scale 0 writes 0.
+template <typename S, typename T, typename G, bool kLogits>
+TPSWARP_CPU_CLONES void kl_block_grad(const S* s, int64_t scs, const T* t, int64_t tcs, int64_t C, int64_t P,
+                          const KLBlockStats& st, const float* scale, G* gs, int64_t gscs, G* gt, int64_t gtcs) {
+  for (int64_t c = 0; c < C; ++c) {
+    const S* sc = s + c * scs;
+    const T* tc = t + c * tcs;
+    G* gsc = gs ? gs + c * gscs : nullptr;
+    G* gtc = gt ? gt + c * gtcs : nullptr;
+    float gsv[kKLBlock], gtv[kKLBlock];
+#pragma omp simd
+    for (int64_t p = 0; p < P; ++p) {
+      const float log_q = static_cast<float>(sc[p]) - st.s_max[p] - st.log_zs[p];
+      const float q = fast_exp(log_q);
+      const float tv = static_cast<float>(tc[p]);
+      float pr, log_p, g_t;
+      if (kLogits) {
+        log_p = tv - st.t_max[p] - st.log_zt[p];
+        pr = fast_exp(log_p);
+        g_t = pr * ((log_p - log_q) - st.kl[p]);
+      } else {
+        pr = tv;
+        log_p = fast_log(tv);
+        g_t = (tv > 0.f ? log_p + 1.f : 0.f) - log_q;
+      }
+      const float k = scale[p];
+      gsv[p] = k != 0.f ? k * (q * st.p_sum[p] - pr) : 0.f;
+      gtv[p] = k != 0.f ? k * g_t : 0.f;
+    }
+    if (gsc)
+      for (int64_t p = 0; p < P; ++p) gsc[p] = static_cast<G>(gsv[p]);
+    if (gtc)
+      for (int64_t p = 0; p < P; ++p) gtc[p] = static_cast<G>(gtv[p]);
+  }
+}
+
+}  // namespace cpu
+}  // namespace tpswarp

@@ -1,0 +1,4 @@
+"""``python -m examples.semiseg ...`` = ``python -m examples.semiseg.train ...``."""
+from .train import main
+
+main()

@@ -1,0 +1,292 @@
+"""Every op on CUDA tensors, for the compiled CUDA kernels ("cpp") and the Triton kernels
+("triton"), against the reference run on the same CUDA tensors: values, dtypes, memory
+formats, gradients for random upstream gradients, float32/float64/half, channels_last and
+non-contiguous inputs, shapes larger than one kernel block, determinism under
+``torch.use_deterministic_algorithms(True)`` and ``torch.compile``.
+
+Skipped without a GPU (``benchmarks/gpu_check.sh`` runs it on one).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+import tpswarp  # noqa: E402
+from tpswarp import reference  # noqa: E402
+from tpswarp.testing import assert_close, non_contiguous, random_tps, to_channels_last  # noqa: E402
+
+DEV = torch.device("cuda")
+F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+BACKENDS = ["cpp", "triton"]
+OPS = ["tps_solve", "tps_transform", "tps_warp", "photometric_jitter", "masked_kl_div", "warped_kl_div"]
+
+
+def gen(seed=0):
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def randn(*shape, dtype=F32, scale=1.0, seed=0):
+    return (torch.randn(tuple(shape), generator=gen(seed), dtype=F64) * scale).to(DEV, dtype)
+
+
+def rand(*shape, dtype=F32, seed=0):
+    return torch.rand(tuple(shape), generator=gen(seed), dtype=F64).to(DEV, dtype)
+
+
+def tps(batch, dtype=F32, scale=0.3, seed=0, n=4):
+    src, dst, params = random_tps(batch, n=n, scale=scale, generator=gen(seed), dtype=dtype, device=DEV)
+    return src, dst, params
+
+
+def smooth(*shape, dtype=F32, seed=0):
+    """Low-frequency values: float32 rounding of the sample coordinates (which differs between
+    implementations, e.g. FMA contraction) then moves the result by about eps, not eps * |noise|."""
+    B, C, H, W = shape
+    coarse = torch.randn(B, C, max(2, H // 8), max(2, W // 8), generator=gen(seed), dtype=F64)
+    fine = torch.nn.functional.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=False)
+    return fine.to(DEV, dtype)
+
+
+def layout(t, kind):
+    return to_channels_last(t) if kind == "channels_last" else non_contiguous(t) if kind == "non_contiguous" else t
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def use(backend, op):
+    """Context forcing ``backend``; skips when it does not serve ``op`` on CUDA."""
+    if backend == "triton" and not tpswarp.backends()["triton"]:
+        pytest.skip("triton is not installed")
+    if backend == "cpp" and not tpswarp.backends()["extension"].get("cuda"):
+        pytest.skip("the extension was built without CUDA")
+    ctx = tpswarp.use_backend(backend)
+    ctx.__enter__()
+    served = tpswarp.backends()["selected"]["cuda"][op]
+    if served != backend and not (backend == "triton" and op in ("tps_solve", "tps_transform")):
+        ctx.__exit__(None, None, None)
+        pytest.skip(f"{backend} has no CUDA kernel for {op} (served by {served})")
+    return ctx
+
+
+def run(fn, inputs, grad_mask, seed=1):
+    leaves = [x.detach().requires_grad_(need) if isinstance(x, torch.Tensor) else x
+              for x, need in zip(inputs, grad_mask)]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    wanted = [x for x, need in zip(leaves, grad_mask) if need]
+    grads = ()
+    if wanted:
+        y = outs[0]
+        g = randn(*y.shape, dtype=y.dtype, seed=seed) + 0.5
+        grads = torch.autograd.grad(y, wanted, g, allow_unused=True)
+        grads = tuple(torch.zeros_like(x) if gx is None else gx for x, gx in zip(wanted, grads))
+    torch.cuda.synchronize()
+    return tuple(o.detach() for o in outs), grads
+
+
+def close(a, b, *, grad, dtype, loose):
+    if loose:  # float32 sample coordinates: implementations round differently, amplified by the image slope
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=5e-4)
+    else:
+        assert_close(a, b, grad=grad, dtype=dtype)
+
+
+def compare(backend, op, fn, ref_fn, inputs, grad_mask, dtype=None, loose=False):
+    ctx = use(backend, op)
+    try:
+        outs, grads = run(fn, inputs, grad_mask)
+    finally:
+        ctx.__exit__(None, None, None)
+    with tpswarp.use_backend("reference"):
+        ref_outs, ref_grads = run(ref_fn, inputs, grad_mask)
+    for o, r in zip(outs, ref_outs):
+        assert o.device.type == "cuda" and o.dtype == r.dtype and o.shape == r.shape
+        if o.dim() == 4:
+            assert o.is_contiguous(memory_format=torch.channels_last) == r.is_contiguous(
+                memory_format=torch.channels_last)
+        if o.is_floating_point():
+            close(o, r, grad=False, dtype=dtype, loose=loose)
+        else:
+            assert torch.equal(o, r)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        close(g, r, grad=True, dtype=dtype, loose=loose)
+    return outs, grads
+
+
+# --------------------------------------------------------------------------------------------
+# per-op cases: (fn, reference fn, inputs, grad mask)
+# --------------------------------------------------------------------------------------------
+def case_tps_solve(dtype, kind, big):
+    src, dst, _ = tps(64 if big else 3, F64, seed=2, n=6)
+    src, dst = src.to(dtype), dst.to(dtype)
+    return (lambda s, d: tpswarp.tps_solve(s, d), lambda s, d: reference.tps_solve(s, d), (src, dst), (True, True))
+
+
+def case_tps_transform(dtype, kind, big):
+    src, _, params = tps(3, dtype, seed=1)
+    points = rand(3, 4097 if big else 33, 2, dtype=dtype) * 2 - 1
+    if kind == "non_contiguous":
+        points = non_contiguous(points.transpose(1, 2).contiguous()).transpose(1, 2)
+    return (lambda p, s, w: tpswarp.tps_transform(p, s, w), lambda p, s, w: reference.tps_transform(p, s, w),
+            (points, src, params), (True, True, True))
+
+
+def case_tps_warp(dtype, kind, big, **kwargs):
+    src, _, params = tps(2, F32 if dtype in (F16, BF16) else dtype, scale=0.4, seed=3)
+    shape = (2, 3, 97, 131) if big else (2, 3, 5, 7)
+    image = layout(smooth(*shape, dtype=dtype) if big else randn(*shape, dtype=dtype), kind)
+    return (lambda x, s, p: tpswarp.tps_warp(x, s, p, **kwargs), lambda x, s, p: reference.tps_warp(x, s, p, **kwargs),
+            (image, src, params), (True, True, True))
+
+
+def case_photometric_jitter(dtype, kind, big, clamp=False):
+    shape = (3, 3, 97, 131) if big else (3, 3, 5, 7)
+    image = layout(rand(*shape, dtype=dtype) * 1.2 - 0.1, kind)
+    u = rand(4, 3, dtype=F64, seed=5)
+    pd = F32 if dtype in (F16, BF16) else dtype
+    params = ((u[0] * 0.5 - 0.25).to(pd), (u[1] * 1.75 + 0.25).to(pd), (u[2] * 0.2 - 0.1).to(pd),
+              (u[3] * 1.75 + 0.25).to(pd))
+    perm = torch.tensor([[2, 0, 1], [1, 2, 0], [0, 1, 2]], device=DEV)
+    return (lambda x, b, s, h, c: tpswarp.photometric_jitter(x, b, s, h, c, perm, clamp=clamp),
+            lambda x, b, s, h, c: reference.photometric_jitter(x, b, s, h, c, perm, clamp=clamp),
+            (image, *params), (True,) * 5)
+
+
+def kl_inputs(shape, dtype, teacher_is_logits, seed=0):
+    s = randn(*shape, dtype=dtype, scale=2.0, seed=seed)
+    if teacher_is_logits:
+        return s, randn(*shape, dtype=dtype, scale=2.0, seed=seed + 1)
+    t = torch.softmax(randn(*shape, dtype=F64, scale=2.0, seed=seed + 1), dim=1)
+    t[0, :, 0] = 0.0
+    t[0, 0, 0] = 1.0
+    return s, t.to(dtype)
+
+
+def case_masked_kl_div(dtype, kind, big, teacher_is_logits=True, reduction="mean", mask=True):
+    shape = (2, 19, 61, 67) if big else (2, 4, 5, 6)
+    s, t = kl_inputs(shape, dtype, teacher_is_logits)
+    m = rand(shape[0], *shape[2:], seed=7) > 0.3 if mask else None
+    kw = dict(teacher_is_logits=teacher_is_logits, reduction=reduction)
+    return (lambda a, b: tpswarp.masked_kl_div(a, b, m, **kw), lambda a, b: reference.masked_kl_div(a, b, m, **kw),
+            (layout(s, kind), layout(t, kind)), (True, True))
+
+
+def case_warped_kl_div(dtype, kind, big, teacher_is_logits=True, reduction="mean"):
+    shape = (2, 19, 61, 67) if big else (2, 4, 5, 6)
+    s, t = kl_inputs(shape, dtype, teacher_is_logits)
+    if big:  # a smooth teacher (see smooth())
+        t = 2 * smooth(*shape, dtype=F64, seed=1)
+        t = (t if teacher_is_logits else torch.softmax(t, dim=1)).to(dtype)
+    src, _, params = tps(2, F32 if dtype in (F16, BF16) else dtype, seed=4)
+    kw = dict(teacher_is_logits=teacher_is_logits, reduction=reduction)
+    return (lambda a, b, c, p: tpswarp.warped_kl_div(a, b, c, p, **kw),
+            lambda a, b, c, p: reference.warped_kl_div(a, b, c, p, **kw),
+            (layout(s, kind), layout(t, kind), src, params), (True, True, True, True))
+
+
+CASES = {name: globals()[f"case_{name}"] for name in OPS}
+IMAGE_OPS = ("tps_warp", "photometric_jitter", "masked_kl_div", "warped_kl_div")
+WARP_OPS = ("tps_warp", "warped_kl_div")
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["small", "big"])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("op", OPS)
+def test_op(backend, op, dtype, big):
+    fn, ref, inputs, mask = CASES[op](dtype, "contiguous", big)
+    compare(backend, op, fn, ref, inputs, mask, loose=big and dtype == F32 and op in WARP_OPS)
+
+
+@pytest.mark.parametrize("kind", ["channels_last", "non_contiguous"])
+@pytest.mark.parametrize("op", IMAGE_OPS)
+def test_layouts(backend, op, kind):
+    fn, ref, inputs, mask = CASES[op](F32, kind, True)
+    compare(backend, op, fn, ref, inputs, mask, loose=op in WARP_OPS)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("op", IMAGE_OPS)
+def test_half(backend, op, dtype):
+    fn, ref, inputs, mask = CASES[op](dtype, "channels_last", False)
+    compare(backend, op, fn, ref, inputs, mask, dtype=dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("teacher_is_logits", [False, True])
+@pytest.mark.parametrize("op", ["masked_kl_div", "warped_kl_div"])
+def test_kl_options(backend, op, teacher_is_logits, reduction):
+    fn, ref, inputs, mask = CASES[op](F64, "contiguous", True, teacher_is_logits=teacher_is_logits,
+                                      reduction=reduction)
+    compare(backend, op, fn, ref, inputs, mask)
+
+
+def test_masked_kl_div_empty_mask(backend):
+    s, t = kl_inputs((2, 4, 5, 6), F32, True)
+    m = torch.zeros(2, 5, 6, dtype=torch.bool, device=DEV)
+    outs, grads = compare(backend, "masked_kl_div", lambda a, b: tpswarp.masked_kl_div(a, b, m, teacher_is_logits=True),
+                          lambda a, b: reference.masked_kl_div(a, b, m, teacher_is_logits=True), (s, t), (True, True))
+    assert outs[0].item() == 0.0 and all(g.abs().max().item() == 0 for g in grads)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_tps_warp_modes(backend, mode, padding_mode, align_corners):
+    fn, ref, inputs, mask = case_tps_warp(F64, "contiguous", True, mode=mode, padding_mode=padding_mode,
+                                          align_corners=align_corners, fill=0.25 if padding_mode == "zeros" else 0.0,
+                                          size=(50, 70))
+    compare(backend, "tps_warp", fn, ref, inputs, mask)
+
+
+def test_tps_warp_labels(backend):
+    src, _, params = tps(2, F32, scale=0.4)
+    labels = (rand(2, 1, 64, 80) * 19).floor().to(torch.uint8)
+    ctx = use(backend, "tps_warp")
+    try:
+        out, valid = tpswarp.tps_warp(labels, src, params, mode="nearest", fill=255)
+    finally:
+        ctx.__exit__(None, None, None)
+    ref, ref_valid = reference.tps_warp(labels, src, params, mode="nearest", fill=255)
+    assert out.dtype == torch.uint8 and torch.equal(out, ref) and torch.equal(valid, ref_valid)
+
+
+def test_photometric_jitter_clamp(backend):
+    fn, ref, inputs, mask = case_photometric_jitter(F64, "contiguous", True, clamp=True)
+    compare(backend, "photometric_jitter", fn, ref, inputs, mask)
+
+
+@pytest.mark.parametrize("op", ["tps_warp", "photometric_jitter", "masked_kl_div", "warped_kl_div"])
+def test_deterministic_backward(backend, op):
+    """With torch.use_deterministic_algorithms(True): bitwise-identical gradients twice, or a
+    clear error (never silently nondeterministic)."""
+    fn, _, inputs, mask = CASES[op](F32, "contiguous", True)
+    ctx = use(backend, op)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        try:
+            _, first = run(fn, inputs, mask)
+        except RuntimeError as e:
+            assert "determinis" in str(e).lower(), e
+            return
+        _, second = run(fn, inputs, mask)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        ctx.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("op", IMAGE_OPS)
+def test_compile(backend, op):
+    fn, ref, inputs, mask = CASES[op](F32, "contiguous", False)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    compare(backend, op, compiled, ref, inputs, mask)

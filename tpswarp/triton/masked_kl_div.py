@@ -1,0 +1,347 @@
+"""Triton kernels of ``tpswarp::masked_kl_div`` and ``tpswarp::_masked_kl_div_backward``.
+
+The per-pixel math is ``csrc/include/tpswarp/kl.h``: a max sweep over the classes, then
+shifted sums (``sum exp(s - s_max)``, the cross term, ``sum p log p``, ``sum p``); the
+gradients are ``d/ds = q sum(p) - p`` and, for the teacher, ``log p + 1 - log q``
+(probabilities, 0 log 0 = 0) or ``p ((log p - log q) - KL)`` (logits).
+
+One program handles ``BLOCK_P`` pixels of one batch item and a ``(BLOCK_C, BLOCK_P)`` tile of
+classes x pixels. When ``C <= BLOCK_C`` (e.g. 19 classes) the tile is loaded once; otherwise
+the classes are swept in chunks (max, sums, and gradients each one sweep), so any ``C`` works.
+Inputs are read through their strides (channels_last / non-contiguous without copies);
+half inputs are accumulated in float32, float64 in float64. Mean and sum reductions write one
+partial per program and are summed by torch in a fixed order (deterministic); the mean's
+denominator stays on the device.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import register_python_backend
+from ._utils import (INTERPRET, acc_dtype, as_4d, cast_to, device_guard, merged_pixels, next_pow2, pixel_offsets,
+                     strides4, tl_dtype)
+
+# Largest class tile; above it the classes are swept in chunks. Tests lower it to exercise the chunked path.
+MAX_BLOCK_C = 64
+# Elements of one (classes x pixels) tile.
+TILE_ELEMS = 2048 if not INTERPRET else 16384
+NUM_WARPS = 4
+
+
+@triton.jit
+def _tile(ptr, c0, offs_c, C, sc, pix_off, pmask, ACC: tl.constexpr):
+    cc = c0 + offs_c
+    m = (cc < C)[:, None] & pmask[None, :]
+    x = tl.load(ptr + cc[:, None] * sc + pix_off[None, :], mask=m, other=0.0).to(ACC)
+    return x, m
+
+
+@triton.jit
+def _tile_sums(s, t, m, s_max, t_max, TEACHER_LOGITS: tl.constexpr):
+    """Shifted sums of one tile: (zs, zt, cross, p_log_p, p_sum), each (BLOCK_P,)."""
+    ssh = tl.where(m, s - s_max[None, :], 0.0)  # padded lanes: 0, never exp overflow
+    zs = tl.sum(tl.where(m, tl.exp(ssh), 0.0), axis=0)
+    if TEACHER_LOGITS:
+        tsh = tl.where(m, t - t_max[None, :], 0.0)
+        e = tl.where(m, tl.exp(tsh), 0.0)
+        zt = tl.sum(e, axis=0)
+        cross = tl.sum(tl.where(m, e * (tsh - ssh), 0.0), axis=0)  # sum exp(t'_c) (t'_c - s'_c)
+        p_log_p = tl.zeros_like(zs)
+        p_sum = tl.zeros_like(zs)
+    else:
+        positive = m & (t > 0)
+        p_log_p = tl.sum(tl.where(positive, t * tl.log(tl.where(positive, t, 1.0)), 0.0), axis=0)
+        cross = tl.sum(tl.where(m, t * ssh, 0.0), axis=0)  # sum p_c s'_c
+        p_sum = tl.sum(tl.where(m, t, 0.0), axis=0)
+        zt = tl.zeros_like(zs)
+    return zs, zt, cross, p_log_p, p_sum
+
+
+@triton.jit
+def _finish(zs, zt, cross, p_log_p, p_sum, pmask, TEACHER_LOGITS: tl.constexpr):
+    """(log_zs, log_zt, kl, p_sum) from the shifted sums (kl.h's kl_pixel)."""
+    log_zs = tl.log(tl.where(pmask, zs, 1.0))
+    if TEACHER_LOGITS:
+        zt = tl.where(pmask, zt, 1.0)
+        log_zt = tl.log(zt)
+        kl = cross / zt - log_zt + log_zs
+        p_sum = tl.full(zs.shape, 1.0, zs.dtype)
+    else:
+        log_zt = tl.zeros_like(zs)
+        kl = p_log_p - cross + log_zs * p_sum
+    return log_zs, log_zt, kl, p_sum
+
+
+@triton.jit
+def _tile_stats(s, t, m, pmask, TEACHER_LOGITS: tl.constexpr):
+    """Per-pixel (s_max, log_zs, t_max, log_zt, kl, p_sum) of a tile holding all the classes."""
+    s_max = tl.max(tl.where(m, s, float("-inf")), axis=0)
+    s_max = tl.where(pmask, s_max, 0.0)
+    if TEACHER_LOGITS:
+        t_max = tl.max(tl.where(m, t, float("-inf")), axis=0)
+        t_max = tl.where(pmask, t_max, 0.0)
+    else:
+        t_max = tl.zeros_like(s_max)
+    zs, zt, cross, p_log_p, p_sum = _tile_sums(s, t, m, s_max, t_max, TEACHER_LOGITS)
+    log_zs, log_zt, kl, p_sum = _finish(zs, zt, cross, p_log_p, p_sum, pmask, TEACHER_LOGITS)
+    return s_max, log_zs, t_max, log_zt, kl, p_sum
+
+
+@triton.jit
+def _chunked_stats(s_base, ss_c, t_base, ts_c, s_pix, t_pix, pmask, C, offs_c, BLOCK_C: tl.constexpr,
+                   BLOCK_P: tl.constexpr, TEACHER_LOGITS: tl.constexpr, ACC: tl.constexpr):
+    """The same statistics for any C: one sweep over class chunks for the maxima, one for the sums."""
+    s_max = tl.full((BLOCK_P,), float("-inf"), ACC)
+    t_max = tl.full((BLOCK_P,), float("-inf"), ACC)
+    for c0 in range(0, C, BLOCK_C):
+        s, m = _tile(s_base, c0, offs_c, C, ss_c, s_pix, pmask, ACC)
+        s_max = tl.maximum(s_max, tl.max(tl.where(m, s, float("-inf")), axis=0))
+        if TEACHER_LOGITS:
+            t, _ = _tile(t_base, c0, offs_c, C, ts_c, t_pix, pmask, ACC)
+            t_max = tl.maximum(t_max, tl.max(tl.where(m, t, float("-inf")), axis=0))
+    s_max = tl.where(pmask, s_max, 0.0)
+    t_max = tl.where(pmask, t_max, 0.0)
+    zs = tl.zeros((BLOCK_P,), ACC)
+    zt = tl.zeros((BLOCK_P,), ACC)
+    cross = tl.zeros((BLOCK_P,), ACC)
+    p_log_p = tl.zeros((BLOCK_P,), ACC)
+    p_sum = tl.zeros((BLOCK_P,), ACC)
+    for c0 in range(0, C, BLOCK_C):
+        s, m = _tile(s_base, c0, offs_c, C, ss_c, s_pix, pmask, ACC)
+        t, _ = _tile(t_base, c0, offs_c, C, ts_c, t_pix, pmask, ACC)
+        a, b, c, d, e = _tile_sums(s, t, m, s_max, t_max, TEACHER_LOGITS)
+        zs += a
+        zt += b
+        cross += c
+        p_log_p += d
+        p_sum += e
+    log_zs, log_zt, kl, p_sum = _finish(zs, zt, cross, p_log_p, p_sum, pmask, TEACHER_LOGITS)
+    return s_max, log_zs, t_max, log_zt, kl, p_sum
+
+
+@triton.jit
+def _tile_grads(s, t, m, s_max, log_zs, t_max, log_zt, kl, p_sum, scale, TEACHER_LOGITS: tl.constexpr):
+    """scale * dKL/ds and scale * dKL/dt of one tile (kl.h's kl_pixel_grad); 0 on lanes outside ``m``."""
+    log_q = tl.where(m, s - s_max[None, :] - log_zs[None, :], 0.0)
+    q = tl.exp(log_q)
+    if TEACHER_LOGITS:
+        log_p = tl.where(m, t - t_max[None, :] - log_zt[None, :], 0.0)
+        p = tl.exp(log_p)
+        gt = p * ((log_p - log_q) - kl[None, :])
+    else:
+        p = t
+        positive = t > 0
+        log_p = tl.log(tl.where(positive, t, 1.0))
+        gt = tl.where(positive, log_p + 1.0, 0.0) - log_q
+    gs = q * p_sum[None, :] - p
+    live = m & (scale != 0)[None, :]
+    gs = tl.where(live, scale[None, :] * gs, 0.0)
+    gt = tl.where(live, scale[None, :] * gt, 0.0)
+    return gs, gt
+
+
+@triton.jit
+def _store_tile(gs_base, gt_base, c0, offs_c, gs_c, gt_c, gs_pix, gt_pix, m, gs, gt,
+                WANT_S: tl.constexpr, WANT_T: tl.constexpr):
+    cc = (c0 + offs_c)[:, None]
+    if WANT_S:
+        tl.store(gs_base + cc * gs_c + gs_pix[None, :], cast_to(gs, gs_base.dtype.element_ty), mask=m)
+    if WANT_T:
+        tl.store(gt_base + cc * gt_c + gt_pix[None, :], cast_to(gt, gt_base.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _masked_kl_fwd_kernel(
+    s_ptr, t_ptr, w_ptr, out_ptr,
+    C, N, S2,
+    ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w,
+    TEACHER_LOGITS: tl.constexpr, HAS_W: tl.constexpr, REDUCE_NONE: tl.constexpr,
+    SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+    MERGED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = offs < N
+    offs_c = tl.arange(0, BLOCK_C)
+    s_base = s_ptr + b * ss_b
+    t_base = t_ptr + b * ts_b
+    s_pix = pixel_offsets(offs, S2, ss_h, ss_w, MERGED)
+    t_pix = pixel_offsets(offs, S2, ts_h, ts_w, MERGED)
+    if SINGLE:
+        s, m = _tile(s_base, 0, offs_c, C, ss_c, s_pix, pmask, ACC)
+        t, _ = _tile(t_base, 0, offs_c, C, ts_c, t_pix, pmask, ACC)
+        s_max, log_zs, t_max, log_zt, kl, p_sum = _tile_stats(s, t, m, pmask, TEACHER_LOGITS)
+    else:
+        s_max, log_zs, t_max, log_zt, kl, p_sum = _chunked_stats(
+            s_base, ss_c, t_base, ts_c, s_pix, t_pix, pmask, C, offs_c, BLOCK_C, BLOCK_P, TEACHER_LOGITS, ACC)
+    if HAS_W:
+        wt = tl.load(w_ptr + b * N + offs, mask=pmask, other=0.0)
+        kl = tl.where(wt != 0, kl * wt, 0.0)
+    kl = tl.where(pmask, kl, 0.0)
+    if REDUCE_NONE:
+        tl.store(out_ptr + b * N + offs, kl, mask=pmask)
+    else:
+        tl.store(out_ptr + b * tl.num_programs(0) + pid, tl.sum(kl, axis=0))
+
+
+@triton.jit
+def _masked_kl_bwd_kernel(
+    s_ptr, t_ptr, w_ptr, f_ptr, gs_ptr, gt_ptr,
+    C, N, S2,
+    ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w,
+    gs_b, gs_c, gs_h, gs_w, gt_b, gt_c, gt_h, gt_w,
+    TEACHER_LOGITS: tl.constexpr, HAS_W: tl.constexpr, FACTOR_PER_PIXEL: tl.constexpr,
+    WANT_S: tl.constexpr, WANT_T: tl.constexpr,
+    SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+    MERGED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = offs < N
+    offs_c = tl.arange(0, BLOCK_C)
+    s_base = s_ptr + b * ss_b
+    t_base = t_ptr + b * ts_b
+    s_pix = pixel_offsets(offs, S2, ss_h, ss_w, MERGED)
+    t_pix = pixel_offsets(offs, S2, ts_h, ts_w, MERGED)
+    if FACTOR_PER_PIXEL:
+        scale = tl.load(f_ptr + b * N + offs, mask=pmask, other=0.0).to(ACC)
+    else:
+        scale = tl.full((BLOCK_P,), 1.0, ACC) * tl.load(f_ptr).to(ACC)
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + b * N + offs, mask=pmask, other=0.0)
+    scale = tl.where(pmask, scale, 0.0)
+    gs_base = gs_ptr + b * gs_b
+    gt_base = gt_ptr + b * gt_b
+    gs_pix = pixel_offsets(offs, S2, gs_h, gs_w, MERGED)
+    gt_pix = pixel_offsets(offs, S2, gt_h, gt_w, MERGED)
+    if SINGLE:  # one load of the tile serves the statistics and the gradients
+        s, m = _tile(s_base, 0, offs_c, C, ss_c, s_pix, pmask, ACC)
+        t, _ = _tile(t_base, 0, offs_c, C, ts_c, t_pix, pmask, ACC)
+        s_max, log_zs, t_max, log_zt, kl, p_sum = _tile_stats(s, t, m, pmask, TEACHER_LOGITS)
+        gs, gt = _tile_grads(s, t, m, s_max, log_zs, t_max, log_zt, kl, p_sum, scale, TEACHER_LOGITS)
+        _store_tile(gs_base, gt_base, 0, offs_c, gs_c, gt_c, gs_pix, gt_pix, m, gs, gt, WANT_S, WANT_T)
+    else:
+        s_max, log_zs, t_max, log_zt, kl, p_sum = _chunked_stats(
+            s_base, ss_c, t_base, ts_c, s_pix, t_pix, pmask, C, offs_c, BLOCK_C, BLOCK_P, TEACHER_LOGITS, ACC)
+        for c0 in range(0, C, BLOCK_C):
+            s, m = _tile(s_base, c0, offs_c, C, ss_c, s_pix, pmask, ACC)
+            t, _ = _tile(t_base, c0, offs_c, C, ts_c, t_pix, pmask, ACC)
+            gs, gt = _tile_grads(s, t, m, s_max, log_zs, t_max, log_zt, kl, p_sum, scale, TEACHER_LOGITS)
+            _store_tile(gs_base, gt_base, c0, offs_c, gs_c, gt_c, gs_pix, gt_pix, m, gs, gt, WANT_S, WANT_T)
+
+
+def _blocks(C: int):
+    block_c = min(next_pow2(max(C, 1)), MAX_BLOCK_C)
+    block_p = max(16, min(1024, TILE_ELEMS // block_c))
+    return block_c, block_p, C <= block_c
+
+
+def _weights(mask, student, ct):
+    if mask is None:
+        return None
+    B = student.shape[0]
+    if mask.dim() == student.dim():
+        mask = mask.squeeze(1)
+    return mask.to(ct).reshape(B, -1).contiguous()
+
+
+def _check(student, teacher, reduction):
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"masked_kl_div: `reduction` must be one of ['mean', 'sum', 'none'], got {reduction!r}")
+    if student.dim() < 2:
+        raise ValueError("masked_kl_div: `student_logits` must have shape (B, C, *spatial), "
+                         f"got {tuple(student.shape)}")
+    if teacher.shape != student.shape:
+        raise ValueError(f"masked_kl_div: `teacher` {tuple(teacher.shape)} must have the shape of "
+                         f"`student_logits` {tuple(student.shape)}")
+
+
+def _reduce(kl_or_partials, weights, reduction, numel, ct):
+    total = kl_or_partials.sum()
+    if reduction == "sum":
+        return total
+    count = weights.sum() if weights is not None else torch.full((), float(numel), dtype=ct, device=total.device)
+    return total / torch.where(count != 0, count, torch.ones_like(count))
+
+
+def masked_kl_div_forward(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean"):
+    _check(student_logits, teacher, reduction)
+    ct = acc_dtype(student_logits, teacher)
+    B, C = student_logits.shape[:2]
+    spatial = tuple(student_logits.shape[2:])
+    N = math.prod(spatial)
+    weights = _weights(mask, student_logits, ct)
+    dev = student_logits.device
+    if B * N == 0 or C == 0:
+        kl = torch.zeros((B, *spatial), dtype=ct, device=dev)
+        return kl if reduction == "none" else _reduce(kl, weights, reduction, B * N, ct)
+    s4, t4 = as_4d(student_logits), as_4d(teacher)
+    block_c, block_p, single = _blocks(C)
+    nprog = triton.cdiv(N, block_p)
+    reduce_none = reduction == "none"
+    out = torch.empty((B, N) if reduce_none else (B, nprog), dtype=ct, device=dev)
+    with device_guard(student_logits):
+        _masked_kl_fwd_kernel[(nprog, B)](
+            s4, t4, weights if weights is not None else out, out,
+            C, N, s4.shape[3], *strides4(s4), *strides4(t4),
+            TEACHER_LOGITS=bool(teacher_is_logits), HAS_W=weights is not None, REDUCE_NONE=reduce_none,
+            SINGLE=single, BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_dtype(ct),
+            MERGED=merged_pixels(s4, t4), num_warps=NUM_WARPS,
+        )
+    if reduce_none:
+        return out.reshape(B, *spatial)
+    return _reduce(out, weights, reduction, B * N, ct)
+
+
+def _grad_buffer(x: torch.Tensor, needed: bool) -> torch.Tensor:
+    if not needed:
+        return x.new_empty(0)
+    # as_4d must be a view of the buffer: dense layouts of rank <= 4 keep their strides.
+    return torch.empty_like(x) if x.dim() <= 4 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def masked_kl_div_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, output_mask):
+    _check(student_logits, teacher, reduction)
+    want_s, want_t = bool(output_mask[0]), bool(output_mask[1])
+    grad_s = _grad_buffer(student_logits, want_s)
+    grad_t = _grad_buffer(teacher, want_t)
+    if not (want_s or want_t):
+        return grad_s, grad_t
+    ct = acc_dtype(student_logits, teacher)
+    B, C = student_logits.shape[:2]
+    N = math.prod(student_logits.shape[2:])
+    if B * N == 0 or C == 0:
+        return grad_s.zero_(), grad_t.zero_()
+    weights = _weights(mask, student_logits, ct)
+    g = grad_loss.to(ct)
+    if reduction == "none":
+        factor = g.reshape(B, N).contiguous()
+    elif reduction == "sum":
+        factor = g.reshape(1).contiguous()
+    else:
+        count = weights.sum() if weights is not None else torch.full((), float(B * N), dtype=ct, device=g.device)
+        factor = (g.reshape(()) / torch.where(count != 0, count, torch.ones_like(count))).reshape(1)
+    s4, t4 = as_4d(student_logits), as_4d(teacher)
+    gs4 = as_4d(grad_s) if want_s else s4
+    gt4 = as_4d(grad_t) if want_t else t4
+    block_c, block_p, single = _blocks(C)
+    with device_guard(student_logits):
+        _masked_kl_bwd_kernel[(triton.cdiv(N, block_p), B)](
+            s4, t4, weights if weights is not None else factor, factor,
+            gs4 if want_s else factor, gt4 if want_t else factor,
+            C, N, s4.shape[3], *strides4(s4), *strides4(t4), *strides4(gs4), *strides4(gt4),
+            TEACHER_LOGITS=bool(teacher_is_logits), HAS_W=weights is not None,
+            FACTOR_PER_PIXEL=reduction == "none", WANT_S=want_s, WANT_T=want_t,
+            SINGLE=single, BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_dtype(ct),
+            MERGED=merged_pixels(s4, t4, gs4, gt4), num_warps=NUM_WARPS,
+        )
+    return grad_s, grad_t
+
+
+register_python_backend("masked_kl_div", "triton", masked_kl_div_forward, masked_kl_div_backward)
