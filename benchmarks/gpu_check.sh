@@ -14,13 +14,18 @@
 #   QUICK=1 bash benchmarks/gpu_check.sh    # small benchmark shapes
 #   PYTHON=/path/to/python SKIP_BUILD=1 ...  # use an existing build
 #   STEP_TIMEOUT=seconds                    # per step (default 5400); rc 124 means it timed out
+#   TIMEOUT_<step>=seconds                  # for one step, e.g. TIMEOUT_build=240
+#   BUILD_INPLACE=1                         # python setup.py build_ext --inplace instead of pip -e
+#   WORKERS=8                               # run the GPU tests with pytest-xdist on 8 workers
+#   GPU_ONLY=1                              # skip the CPU suite and the CPU-only benchmarks
+#   ARCHIVE=path.tgz                        # after every step, pack the results folder there
 set -uo pipefail
 set -x
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PYTHON=${PYTHON:-python}
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+COMMIT=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 OUT=${OUT:-$ROOT/benchmarks/results/gpu/$(date -u +%Y%m%dT%H%M%SZ)_${COMMIT}}
 mkdir -p "$OUT"
 STATUS=$OUT/status.txt
@@ -35,11 +40,14 @@ step() {
   shift
   local t0=$SECONDS
   echo "=== $name: $*"
-  timeout "${STEP_TIMEOUT:-5400}" "$@" > "$OUT/$name.log" 2>&1
+  local limit_var="TIMEOUT_$name"
+  timeout "${!limit_var:-${STEP_TIMEOUT:-5400}}" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc seconds=$((SECONDS - t0))" | tee -a "$STATUS"
   tail -n 25 "$OUT/$name.log"
   if [ "$rc" -ne 0 ]; then FAILED=1; fi
+  cp benchmarks/results/*.csv "$OUT/" 2>/dev/null || true
+  if [ -n "${ARCHIVE:-}" ]; then tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")"; fi
   return 0
 }
 
@@ -47,7 +55,7 @@ step() {
 {
   echo "date_utc: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "host: $(hostname)"
-  echo "git_commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "git_commit: ${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   echo "git_status:"
   git status --short 2>/dev/null | sed 's/^/  /'
   echo "nvidia-smi:"
@@ -86,20 +94,28 @@ if [ "${SKIP_BUILD:-0}" != "1" ]; then
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
   export TPSWARP_FORCE_CUDA=1
-  step build $PYTHON -m pip install -v --no-build-isolation -e .
+  if [ "${BUILD_INPLACE:-0}" = "1" ]; then
+    step build $PYTHON setup.py build_ext --inplace
+  else
+    step build $PYTHON -m pip install -v --no-build-isolation -e .
+  fi
 fi
 step backends $PYTHON -c "import json, tpswarp; print(json.dumps(tpswarp.backends(), indent=1))"
 
 # ---------------------------------------------------------------------------------- tests
 # CUDA tensors, both backends, every op (skips only what a backend does not provide).
-step test_cuda $PYTHON -m pytest -q -rs tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
+XDIST=()
+[ -n "${WORKERS:-}" ] && XDIST=(-n "$WORKERS")
+step test_cuda $PYTHON -m pytest -q -rs "${XDIST[@]}" tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
 # The Triton kernel tests on CUDA tensors (no interpreter).
-step test_triton_gpu env -u TRITON_INTERPRET $PYTHON -m pytest -q -rs tests/test_triton.py \
+step test_triton_gpu env -u TRITON_INTERPRET $PYTHON -m pytest -q -rs "${XDIST[@]}" tests/test_triton.py \
   --junitxml="$OUT/test_triton_gpu.xml"
 # The whole suite with the GPU build (CPU tests: reference and C++ backends; CUDA tests again).
-step test_all $PYTHON -m pytest -q -rs tests --junitxml="$OUT/test_all.xml"
-# The CI selection under the interpreter, for comparison with the CPU-only CI.
-step test_triton_interpret env TRITON_INTERPRET=1 TPSWARP_TEST_BACKENDS=triton $PYTHON -m pytest -q tests -m triton
+if [ "${GPU_ONLY:-0}" != "1" ]; then
+  step test_all $PYTHON -m pytest -q -rs tests --junitxml="$OUT/test_all.xml"
+  # The CI selection under the interpreter, for comparison with the CPU-only CI.
+  step test_triton_interpret env TRITON_INTERPRET=1 TPSWARP_TEST_BACKENDS=triton $PYTHON -m pytest -q tests -m triton
+fi
 
 # ---------------------------------------------------------------------------------- benchmarks
 step gpu_bandwidth $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG --out "$OUT"
@@ -112,6 +128,7 @@ for bench in benchmarks/bench_*.py; do
     args+=(--device cuda)
   else
     echo "$name: no --device option, runs on the CPU" >> "$STATUS"
+    [ "${GPU_ONLY:-0}" = "1" ] && continue
   fi
   if [ -n "$QUICK_FLAG" ] && grep -q -- "--quick" <<< "$help"; then args+=(--quick); fi
   step "$name" $PYTHON "$bench" "${args[@]}"
