@@ -16,6 +16,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def git_commit() -> str:
+    """The checkout's short commit (``+dirty`` with local changes); ``GIT_COMMIT`` overrides it
+    where the tree is a copy without ``.git`` (the lent GPU machine)."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"][:7]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
