@@ -27,6 +27,17 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
               " but `student_logits` is on ", student.device());
 }
 
+// TEMPORARY (step 1 of issue 5): `size` equal to the input resolution only.
+void check_size_supported(const at::Tensor& student, const at::Tensor& teacher, at::OptionalIntArrayRef size) {
+  if (!size.has_value()) return;
+  TORCH_CHECK_VALUE(size->size() == 2 && (*size)[0] > 0 && (*size)[1] > 0, kOp,
+                    ": `size` must be None or two positive ints (H, W), got ", *size);
+  TORCH_CHECK_NOT_IMPLEMENTED(student.dim() == 4 && teacher.dim() == 4 && student.sizes().slice(2) == *size &&
+                                  teacher.sizes().slice(2) == *size,
+                              kOp, ": the C++ CPU kernel does not resize yet: `size` ", *size,
+                              " must equal the input resolution");
+}
+
 // The blocked (pixel-vectorized) path needs float accumulation and adjacent pixels.
 bool use_blocked_path(at::ScalarType dtype, const std::vector<const at::Tensor*>& operands) {
   if (dtype == at::kDouble) return false;
@@ -37,7 +48,8 @@ bool use_blocked_path(at::ScalarType dtype, const std::vector<const at::Tensor*>
 
 at::Tensor masked_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor& teacher,
                              const std::optional<at::Tensor>& mask, bool teacher_is_logits,
-                             c10::string_view reduction_name) {
+                             c10::string_view reduction_name, at::OptionalIntArrayRef size) {
+  check_size_supported(student_logits, teacher, size);
   check_inputs(student_logits, teacher);
   const auto reduction = parse_reduction(reduction_name, kOp);
   const auto dtype = kl_compute_dtype(student_logits, teacher);
@@ -108,7 +120,9 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cpu(const at::Tensor& 
                                                               const at::Tensor& teacher,
                                                               const std::optional<at::Tensor>& mask,
                                                               bool teacher_is_logits, c10::string_view reduction_name,
+                                                              at::OptionalIntArrayRef size,
                                                               std::array<bool, 2> output_mask) {
+  check_size_supported(student_logits, teacher, size);
   check_inputs(student_logits, teacher);
   const auto reduction = parse_reduction(reduction_name, kOp);
   const auto dtype = kl_compute_dtype(student_logits, teacher);

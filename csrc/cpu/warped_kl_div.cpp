@@ -65,6 +65,17 @@ Problem make_problem(const at::Tensor& student, const at::Tensor& teacher, const
   return p;
 }
 
+// TEMPORARY (step 1 of issue 5): `size` equal to the input resolution only.
+void check_size_supported(const at::Tensor& student, const at::Tensor& teacher, at::OptionalIntArrayRef size) {
+  if (!size.has_value()) return;
+  TORCH_CHECK_VALUE(size->size() == 2 && (*size)[0] > 0 && (*size)[1] > 0, kOp,
+                    ": `size` must be None or two positive ints (H, W), got ", *size);
+  TORCH_CHECK_NOT_IMPLEMENTED(student.dim() == 4 && teacher.dim() == 4 && student.sizes().slice(2) == *size &&
+                                  teacher.sizes().slice(2) == *size,
+                              kOp, ": the C++ CPU kernel does not resize yet: `size` ", *size,
+                              " must equal the input resolution");
+}
+
 // One block of up to kBlock output pixels (b, i, j0 .. j0 + P - 1): sample locations, validity
 // and the warped teacher / student values gathered as [C][kBlock] in acc.
 template <typename acc> struct Block {
@@ -179,7 +190,8 @@ void forward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t,
 
 at::Tensor warped_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
                              const at::Tensor& params, bool teacher_is_logits, bool align_corners,
-                             c10::string_view reduction) {
+                             c10::string_view reduction, at::OptionalIntArrayRef size) {
+  check_size_supported(student_logits, teacher, size);
   const auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
   auto kl = at::zeros({pb.B, pb.H * pb.W}, student_logits.options().dtype(pb.acc_dtype));
   auto weights = at::zeros({pb.B, pb.H * pb.W}, kl.options());
@@ -283,7 +295,8 @@ void backward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
     const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
-    std::array<bool, 4> output_mask) {
+    at::OptionalIntArrayRef size, std::array<bool, 4> output_mask) {
+  check_size_supported(student_logits, teacher, size);
   const auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
   const bool need_coords = output_mask[2] || output_mask[3];
   auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };
