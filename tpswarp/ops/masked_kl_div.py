@@ -9,7 +9,7 @@ from .._backend import register_python_backend
 from .._validation import check_masked_kl_div, mask_to_weights, output_spatial
 from ..reference.masked_kl_div import masked_kl_div as reference_masked_kl_div
 from ..reference._tps_math import compute_dtype
-from ._common import gradient_or_none, reference_vjp
+from ._common import gradient_or_none, keep_layout, reference_vjp
 
 
 def masked_kl_div(
@@ -40,8 +40,8 @@ def masked_kl_div(
             the loss above is taken at ``(H, W)``. The fused kernels read the low-resolution
             inputs through the interpolation taps: no ``(B, C, H, W)`` tensor is created
             besides the gradients of the inputs (which have the inputs' shapes). On the C++
-            CPU backend the student gradient is fused; the teacher gradient with ``size``
-            (two-way consistency, rare) is composed through the reference VJP.
+            CPU backend both gradients (student, and teacher for two-way consistency) are
+            fused: per-output-pixel statistics, then a deterministic gather per input pixel.
 
     Returns:
         The loss, float32 (float64 if an input is float64); half inputs are computed in
@@ -102,7 +102,8 @@ def _reference_backward(grad_loss, student_logits, teacher, mask, teacher_is_log
     def loss(s, t):
         return _reference_forward(s, t, mask, teacher_is_logits, reduction, size)
 
-    return reference_vjp(loss, (student_logits, teacher), grad_loss, output_mask)
+    grads = reference_vjp(loss, (student_logits, teacher), grad_loss, output_mask)
+    return tuple(keep_layout(g, x, need) for g, x, need in zip(grads, (student_logits, teacher), output_mask))
 
 
 register_python_backend("masked_kl_div", "reference", _reference_forward, _reference_backward)

@@ -9,7 +9,7 @@ from .._backend import register_python_backend
 from .._validation import check_warped_kl_div
 from ..reference._tps_math import compute_dtype
 from ..reference.warped_kl_div import warped_kl_div as reference_warped_kl_div
-from ._common import gradient_or_none, reference_vjp
+from ._common import gradient_or_none, keep_layout, reference_vjp
 from .masked_kl_div import fake_input_grads, loss_shape
 
 
@@ -42,9 +42,11 @@ def warped_kl_div(
             there: ``warped_kl_div(interp(student), interp(teacher), src, params, ...)``.
             ``reduction="none"`` gives ``(B, H, W)``. The fused kernels read the inputs through
             the interpolation taps (no ``(B, C, H, W)`` tensor besides the input gradients).
-            On the C++ CPU backend the student gradient is fused; the gradients to
-            ``teacher``, ``src`` and ``params`` with ``size`` are composed through the
-            reference VJP.
+            On the C++ CPU backend the student gradient is fused (per-output-pixel statistics,
+            then a deterministic gather per input pixel); the gradients to ``teacher``, ``src``
+            and ``params`` with ``size`` are composed as the reference's VJP (the inputs
+            resized with ``upsample_bilinear2d``, the full-resolution backward, then the
+            upsample's backward), which allocates ``(B, C, H, W)`` tensors.
 
     Returns:
         The loss, float32 (float64 for float64 inputs). Differentiable w.r.t.
@@ -96,7 +98,9 @@ def _reference_backward(grad_loss, student_logits, teacher, src, params, teacher
     def loss(s, t, c, p):
         return _reference_forward(s, t, c, p, teacher_is_logits, align_corners, reduction, size)
 
-    return reference_vjp(loss, (student_logits, teacher, src, params), grad_loss, output_mask)
+    tensors = (student_logits, teacher, src, params)
+    grads = reference_vjp(loss, tensors, grad_loss, output_mask)
+    return tuple(keep_layout(g, x, need) for g, x, need in zip(grads, tensors, output_mask))
 
 
 register_python_backend("warped_kl_div", "reference", _reference_forward, _reference_backward)
