@@ -3,7 +3,7 @@
 // tpswarp/upsample.h as if they had been resized to the output size (H, W) first, and the
 // gradient of a resized input is gathered per input pixel from the output pixels that read it
 // (deterministic, no atomics). Nothing of size B x C x H x W is allocated: the backward keeps
-// O(B H W) per-pixel statistics and per-thread buffers of one output row.
+// O(B H W) per-pixel statistics and per-thread buffers of a few output rows.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -181,31 +181,49 @@ inline void block_grad_from_stats(bool logits, int64_t C, int64_t P, const acc* 
 
 // Gradient of a resized input (B, C, ay.in, ax.in), written to `grad` (strides gst, dtype G):
 // row_grad(b, r, buf, scratch) fills buf[c * W + j] with the gradient w.r.t. the resized value of
-// output pixel (b, c, r, j), W = ax.out; `scratch` is a per-thread buffer of `scratch_size` acc. Parallel over disjoint input rows; each input pixel sums its
-// readers in a fixed order (rows, then columns): deterministic whatever the thread count.
+// output pixel (b, c, r, j), W = ax.out; `scratch` is a per-thread buffer of `scratch_size` acc.
+//
+// Parallel over disjoint input rows (no atomics). Each output row is gathered along the columns
+// once, hrow[c][x] = sum_j wx(j, x) g[c][j] over the readers j of column x, and kept in a small
+// per-thread ring while the next input rows (consecutive tasks of a thread) still read it; an
+// input row then sums wy(r, y) hrow_r over its reader rows r in increasing order. hrow_r does not
+// depend on which thread computed it, so the result is the same whatever the thread count.
 template <typename acc, typename G, typename RowGrad>
 void resize_gather_grad(int64_t B, int64_t C, const ResizeAxis<acc>& ay, const ResizeAxis<acc>& ax, G* grad,
                         const std::array<int64_t, 4>& gst, int64_t scratch_size, const RowGrad& row_grad) {
   const int64_t W = ax.out, win = ax.in;
+  int64_t ring = 1;  // the longest reader range of an input row
+  for (int64_t y = 0; y < ay.in; ++y) ring = std::max(ring, ay.end[y] - ay.begin[y]);
   at::parallel_for(0, B * ay.in, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> rowbuf(C * W), accum(C * win), scratch(scratch_size);
+    std::vector<acc> rowbuf(C * W), accum(C * win), scratch(scratch_size), hrows(ring * C * win);
+    int64_t cached_b = -1, cached_end = 0;  // hrow of rows [.., cached_end) of item cached_b are in the ring
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / ay.in, y = task % ay.in;
-      std::fill(accum.begin(), accum.end(), acc(0));
-      for (int64_t r = ay.begin[y]; r < ay.end[y]; ++r) {
-        const acc wy = ay.w[ay.woff[y] + (r - ay.begin[y])];
-        if (wy == acc(0)) continue;
+      const int64_t rb = ay.begin[y], re = ay.end[y];
+      if (b != cached_b) {
+        cached_b = b;
+        cached_end = rb;
+      }
+      for (int64_t r = std::max(cached_end, rb); r < re; ++r) {  // rows not gathered yet
         row_grad(b, r, rowbuf.data(), scratch.data());
+        acc* h = hrows.data() + (r % ring) * C * win;
         for (int64_t c = 0; c < C; ++c) {
           const acc* g = rowbuf.data() + c * W;
-          acc* a = accum.data() + c * win;
           for (int64_t x = 0; x < win; ++x) {
             const acc* wx = ax.w.data() + ax.woff[x];
             acc sum = 0;
             for (int64_t k = 0, ox = ax.begin[x]; ox < ax.end[x]; ++k, ++ox) sum += wx[k] * g[ox];
-            a[x] += wy * sum;
+            h[c * win + x] = sum;
           }
         }
+      }
+      cached_end = std::max(cached_end, re);
+      std::fill(accum.begin(), accum.end(), acc(0));
+      for (int64_t r = rb; r < re; ++r) {
+        const acc wy = ay.w[ay.woff[y] + (r - rb)];
+        if (wy == acc(0)) continue;
+        const acc* h = hrows.data() + (r % ring) * C * win;
+        for (int64_t i = 0; i < C * win; ++i) accum[i] += wy * h[i];
       }
       G* out = grad + b * gst[0] + y * gst[2];
       for (int64_t c = 0; c < C; ++c)
