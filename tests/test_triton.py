@@ -188,9 +188,9 @@ def test_masked_kl_div_mixed_dtypes_and_extremes():
 def test_masked_kl_div_backward_output_mask_and_empty():
     s, t = kl_inputs((2, 4, 3, 3), F32, True)
     g = torch.tensor(1.5, device=DEVICE)
-    gs, gt = torch.ops.tpswarp._masked_kl_div_backward(g, s, t, None, True, "mean", [True, False])
+    gs, gt = torch.ops.tpswarp._masked_kl_div_backward(g, s, t, None, True, "mean", None, [True, False])
     assert gs.shape == s.shape and gt.numel() == 0
-    gs, gt = torch.ops.tpswarp._masked_kl_div_backward(g, s, t, None, True, "mean", [False, True])
+    gs, gt = torch.ops.tpswarp._masked_kl_div_backward(g, s, t, None, True, "mean", None, [False, True])
     assert gs.numel() == 0 and gt.shape == t.shape
     empty = torch.zeros(0, 4, 3, 3, device=DEVICE)
     loss = tpswarp.masked_kl_div(empty, empty, reduction="mean")
@@ -403,7 +403,7 @@ def test_warped_kl_div_half(dtype):
 def test_warped_kl_div_deterministic_scatter():
     s, t = kl_inputs((2, 3, 4, 5), F64, True)
     src, params = tps(2, F64, scale=0.3)
-    args = (torch.tensor(1.3, dtype=F64, device=DEVICE), s, t, src, params, True, False, "mean", [True] * 4)
+    args = (torch.tensor(1.3, dtype=F64, device=DEVICE), s, t, src, params, True, False, "mean", None, [True] * 4)
     plain = torch.ops.tpswarp._warped_kl_div_backward(*args)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
             K.MAX_BLOCK_C = WK.MAX_BLOCK_C = blk
             gl = torch.ones(2, 8, 8) if red == "none" else g0
             attempt(f"masked_kl fwd {dt}", lambda: K.masked_kl_div_forward(s, t, m, logits, red))
-            attempt(f"masked_kl bwd {dt}", lambda: K.masked_kl_div_backward(gl, s, t, m, logits, red, [True, True]))
+            attempt(f"masked_kl bwd {dt}", lambda: K.masked_kl_div_backward(gl, s, t, m, logits, red, None, [True, True]))
         K.MAX_BLOCK_C = WK.MAX_BLOCK_C = 64
         img = torch.rand(2, 3, 8, 8, dtype=dt)
         p = torch.rand(2, dtype=dt)
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
             gl = torch.ones(2, 8, 8) if red == "none" else g0
             attempt(f"warped_kl fwd {dt}", lambda: WK.warped_kl_div_forward(s, t, src, par, logits, False, red))
             attempt(f"warped_kl bwd {dt}",
-                    lambda: WK.warped_kl_div_backward(gl, s, t, src, par, logits, False, red, [True] * 4))
+                    lambda: WK.warped_kl_div_backward(gl, s, t, src, par, logits, False, red, None, [True] * 4))
     # the deterministic scatter variants
     torch.use_deterministic_algorithms(True)
     try:
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                 lambda: TW.tps_warp_backward(img, img, src, par, "bilinear", "zeros", False, 0.0, None, [True] * 3))
         s = torch.randn(2, 19, 8, 8)
         attempt("warped_kl bwd deterministic",
-                lambda: WK.warped_kl_div_backward(torch.tensor(1.0), s, s, src, par, True, False, "mean", [True] * 4))
+                lambda: WK.warped_kl_div_backward(torch.tensor(1.0), s, s, src, par, True, False, "mean", None, [True] * 4))
     finally:
         torch.use_deterministic_algorithms(False)
     print(f"compiled {len(compiled)} launches for sm_{args.arch}; kernels: {sorted(set(compiled))}; "

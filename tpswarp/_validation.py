@@ -182,30 +182,59 @@ def check_kl_inputs(op: str, student_logits, teacher, reduction) -> None:
     check_choice("reduction", reduction, REDUCTIONS, op)
 
 
-def check_masked_kl_div(student_logits, teacher, mask, reduction) -> None:
+def check_kl_size(op: str, student_logits, teacher, size) -> None:
+    """The ``size=`` rules of the KL ops: two positive ints; 4-D student and teacher that agree
+    in batch size and classes (their spatial sizes may differ: both are resized to ``size``)."""
+    check_size(op, size)
+    for name, t in (("student_logits", student_logits), ("teacher", teacher)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"{op}: `size` needs 4-D (B, C, H, W) inputs (2-D spatial only), but `{name}` has shape "
+                f"{_fmt_shape(t)}"
+            )
+    if teacher.shape[:2] != student_logits.shape[:2]:
+        raise ValueError(
+            f"{op}: `teacher` {_fmt_shape(teacher)} and `student_logits` {_fmt_shape(student_logits)} "
+            "must agree in batch size and classes"
+        )
+
+
+def output_spatial(student_logits: torch.Tensor, size) -> tuple:
+    """Spatial shape of the loss: ``size`` when given, else the student's."""
+    return tuple(int(s) for s in size) if size is not None else tuple(student_logits.shape[2:])
+
+
+def check_masked_kl_div(student_logits, teacher, mask, reduction, size=None) -> None:
     op = "masked_kl_div"
     check_kl_inputs(op, student_logits, teacher, reduction)
-    if teacher.shape != student_logits.shape:
-        raise ValueError(
-            f"{op}: `teacher` {_fmt_shape(teacher)} must have the shape of `student_logits` "
-            f"{_fmt_shape(student_logits)}"
-        )
+    if size is None:
+        if teacher.shape != student_logits.shape:
+            raise ValueError(
+                f"{op}: `teacher` {_fmt_shape(teacher)} must have the shape of `student_logits` "
+                f"{_fmt_shape(student_logits)}"
+            )
+    else:
+        check_kl_size(op, student_logits, teacher, size)
     if mask is not None:
         check_tensor("mask", mask, op)
         if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: `mask` must be bool or floating, got {mask.dtype}")
-        B, _, *spatial = student_logits.shape
+        B = student_logits.shape[0]
+        spatial = output_spatial(student_logits, size)
         if tuple(mask.shape) not in ((B, *spatial), (B, 1, *spatial)):
+            where = "the output size `size`" if size is not None else "the logits"
             raise ValueError(
                 f"{op}: `mask` must have shape (B, *spatial) = {(B, *spatial)} or "
-                f"(B, 1, *spatial), got {_fmt_shape(mask)}"
+                f"(B, 1, *spatial) with spatial of {where}, got {_fmt_shape(mask)}"
             )
     check_same_device(op, student_logits=student_logits, teacher=teacher, mask=mask)
 
 
-def check_warped_kl_div(student_logits, teacher, src, params, reduction) -> None:
+def check_warped_kl_div(student_logits, teacher, src, params, reduction, size=None) -> None:
     op = "warped_kl_div"
     check_kl_inputs(op, student_logits, teacher, reduction)
+    if size is not None:
+        check_kl_size(op, student_logits, teacher, size)
     check_dim("student_logits", student_logits, 4, "(B, C, H, W)", op)
     check_dim("teacher", teacher, 4, "(B, C, H, W)", op)
     if teacher.shape[:2] != student_logits.shape[:2]:

@@ -189,11 +189,16 @@ class PhTPS(nn.Module):
         return out.squeeze(1) if squeeze else out
 
     def consistency_loss(self, student_logits: torch.Tensor, teacher: torch.Tensor, params: PhTPSParams, *,
-                         teacher_is_logits: bool = False, reduction: str = "mean") -> torch.Tensor:
+                         teacher_is_logits: bool = False, reduction: str = "mean",
+                         size: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Eq. 3-4: KL between the warped clean-teacher output and the student's prediction
-        on the perturbed input, averaged over valid pixels (:func:`tpswarp.warped_kl_div`)."""
+        on the perturbed input, averaged over valid pixels (:func:`tpswarp.warped_kl_div`).
+
+        ``size=(H, W)`` takes the loss at that resolution (e.g. the image size ``params.image_size``)
+        from low-resolution logits: both are bilinearly upsampled on the fly
+        (``F.interpolate(..., align_corners=False)``), see :func:`tpswarp.warped_kl_div`."""
         return warped_kl_div(student_logits, teacher, params.src, params.tps, teacher_is_logits=teacher_is_logits,
-                             align_corners=self.align_corners, reduction=reduction)
+                             align_corners=self.align_corners, reduction=reduction, size=size)
 
     def forward(self, image: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                 generator: Optional[torch.Generator] = None):

@@ -4,12 +4,15 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <array>
 #include <vector>
 
 #include "tpswarp/cpu_kl_block.h"
+#include "tpswarp/cpu_kl_resize.h"
 #include "tpswarp/kl.h"
 #include "tpswarp/kl_args.h"
 
@@ -35,9 +38,185 @@ bool use_blocked_path(at::ScalarType dtype, const std::vector<const at::Tensor*>
   return true;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// size=(H, W): the student (B, C, hs, ws) and the teacher (B, C, ht, wt) are read through the
+// F.interpolate(bilinear, align_corners=False) taps (tpswarp/cpu_kl_resize.h); the mask is at (H, W).
+// ---------------------------------------------------------------------------------------------
+
+// True when `size` leaves both inputs unchanged: the full-resolution kernels serve it (F.interpolate
+// to the input's own size is the identity).
+bool size_is_identity(const at::Tensor& student, const at::Tensor& teacher, at::OptionalIntArrayRef size) {
+  cpu::check_kl_size(size, student, teacher, kOp);
+  return student.sizes().slice(2) == *size && teacher.sizes().slice(2) == *size;
+}
+
+struct Sized {
+  int64_t B, C, H, W;
+  bool logits;
+  at::ScalarType in_dtype, acc_dtype;
+};
+
+Sized make_sized(const at::Tensor& student, const at::Tensor& teacher, at::IntArrayRef size, bool teacher_is_logits) {
+  check_kl_tensor(student, "student_logits", kOp);
+  check_kl_tensor(teacher, "teacher", kOp);
+  TORCH_CHECK(student.device() == teacher.device(), kOp, ": `teacher` is on ", teacher.device(),
+              " but `student_logits` is on ", student.device());
+  Sized z;
+  z.B = student.size(0);
+  z.C = student.size(1);
+  z.H = size[0];
+  z.W = size[1];
+  z.logits = teacher_is_logits;
+  z.acc_dtype = kl_compute_dtype(student, teacher);
+  z.in_dtype = student.scalar_type() == teacher.scalar_type() ? student.scalar_type() : z.acc_dtype;
+  return z;
+}
+
+// Mask (B, H, W) or (B, 1, H, W) at the output size -> (B, H * W) weights in the compute dtype, or undefined.
+at::Tensor sized_weights(const std::optional<at::Tensor>& mask, const Sized& z, const at::Tensor& student) {
+  if (!mask.has_value() || !mask->defined()) return at::Tensor();
+  const auto& m = *mask;
+  TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()), kOp,
+                   ": `mask` must be bool or floating, got ", m.scalar_type());
+  TORCH_CHECK(m.device() == student.device(), kOp, ": `mask` is on ", m.device(), " but `student_logits` is on ",
+              student.device());
+  const bool plain = m.dim() == 3 && m.size(0) == z.B && m.size(1) == z.H && m.size(2) == z.W;
+  const bool keep = m.dim() == 4 && m.size(0) == z.B && m.size(1) == 1 && m.size(2) == z.H && m.size(3) == z.W;
+  TORCH_CHECK_VALUE(plain || keep, kOp, ": `mask` must have shape (B, H, W) or (B, 1, H, W) at the output `size` (",
+                    z.H, ", ", z.W, "), got ", m.sizes());
+  return m.reshape({z.B, z.H * z.W}).to(z.acc_dtype).contiguous();
+}
+
+template <typename scalar_t, typename acc> struct SizedKernel {
+  const Sized& z;
+  const scalar_t* sp;
+  const scalar_t* tp;
+  std::array<int64_t, 4> ss, ts;
+  cpu::ResizeAxis<acc> sy, sx, ty, tx;  // student / teacher axes, resized to (H, W)
+
+  SizedKernel(const Sized& z_, const at::Tensor& s, const at::Tensor& t)
+      : z(z_), sp(s.const_data_ptr<scalar_t>()), tp(t.const_data_ptr<scalar_t>()), ss(cpu::strides4(s)),
+        ts(cpu::strides4(t)), sy(cpu::make_resize_axis<acc>(s.size(2), z_.H)),
+        sx(cpu::make_resize_axis<acc>(s.size(3), z_.W)), ty(cpu::make_resize_axis<acc>(t.size(2), z_.H)),
+        tx(cpu::make_resize_axis<acc>(t.size(3), z_.W)) {}
+
+  // Resized student / teacher values of output pixels (b, r, j0 .. j0 + P - 1).
+  void gather(int64_t b, int64_t r, int64_t j0, int64_t P, acc* sbuf, acc* tbuf) const {
+    cpu::gather_resized<scalar_t, acc>(sp + b * ss[0], ss, z.C, sy.tap[r], sx.tap.data() + j0, P, sbuf);
+    cpu::gather_resized<scalar_t, acc>(tp + b * ts[0], ts, z.C, ty.tap[r], tx.tap.data() + j0, P, tbuf);
+  }
+
+  // Per-pixel KL (B, H * W), weighted by `wp` (nullable) when `out` is given; the statistics when `st` is.
+  void stats(const acc* wp, acc* out, const cpu::PixelStats<acc>* st) const {
+    const int64_t blocks_per_row = (z.W + cpu::kKLBlock - 1) / cpu::kKLBlock;
+    at::parallel_for(0, z.B * z.H * blocks_per_row, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc> sbuf(z.C * cpu::kKLBlock), tbuf(z.C * cpu::kKLBlock);
+      acc kl[cpu::kKLBlock];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / (z.H * blocks_per_row), r = (task / blocks_per_row) % z.H;
+        const int64_t j0 = (task % blocks_per_row) * cpu::kKLBlock, P = std::min(cpu::kKLBlock, z.W - j0);
+        const int64_t o = (b * z.H + r) * z.W + j0;
+        gather(b, r, j0, P, sbuf.data(), tbuf.data());
+        cpu::block_stats<acc>(z.logits, z.C, P, sbuf.data(), tbuf.data(), kl, st, o);
+        if (out)
+          for (int64_t p = 0; p < P; ++p) {
+            const acc w = wp ? wp[o + p] : acc(1);
+            out[o + p] = w != acc(0) ? w * kl[p] : acc(0);
+          }
+      }
+    });
+  }
+
+  // Gradient of one input (student when `student`, else teacher) through its resize.
+  void input_grad(bool student, const cpu::PixelStats<acc>& st, const acc* wp, const at::Tensor& factor,
+                  at::Tensor& grad) const {
+    const acc* fp = factor.const_data_ptr<acc>();
+    const bool per_pixel_factor = factor.dim() != 0;
+    auto row_grad = [&](int64_t b, int64_t r, acc* buf, acc* scratch) {
+      acc* sb = scratch;                        // [C][kKLBlock] resized student
+      acc* tb = scratch + z.C * cpu::kKLBlock;  // [C][kKLBlock] resized teacher
+      acc scale[cpu::kKLBlock];
+      for (int64_t j0 = 0; j0 < z.W; j0 += cpu::kKLBlock) {
+        const int64_t P = std::min(cpu::kKLBlock, z.W - j0);
+        const int64_t o = (b * z.H + r) * z.W + j0;
+        for (int64_t p = 0; p < P; ++p)
+          scale[p] = (per_pixel_factor ? fp[o + p] : fp[0]) * (wp ? wp[o + p] : acc(1));
+        gather(b, r, j0, P, sb, tb);
+        cpu::block_grad_from_stats<acc>(z.logits, z.C, P, sb, tb, st, o, scale,
+                                        student ? buf + j0 : nullptr, student ? nullptr : buf + j0, z.W);
+      }
+    };
+    cpu::resize_gather_grad<acc, scalar_t>(z.B, z.C, student ? sy : ty, student ? sx : tx,
+                                           grad.mutable_data_ptr<scalar_t>(), cpu::strides4(grad),
+                                           2 * z.C * cpu::kKLBlock, row_grad);
+  }
+};
+
+at::Tensor sized_forward(const at::Tensor& student_logits, const at::Tensor& teacher,
+                         const std::optional<at::Tensor>& mask, bool teacher_is_logits, c10::string_view reduction_name,
+                         at::IntArrayRef size) {
+  const auto z = make_sized(student_logits, teacher, size, teacher_is_logits);
+  const auto reduction = parse_reduction(reduction_name, kOp);
+  auto weights = sized_weights(mask, z, student_logits);
+  auto kl = at::zeros({z.B, z.H * z.W}, student_logits.options().dtype(z.acc_dtype));
+  if (kl.numel() > 0 && z.C > 0) {
+    auto s = student_logits.to(z.in_dtype);
+    auto t = teacher.to(z.in_dtype);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.in_dtype, "masked_kl_div_cpu_sized", [&] {
+      using acc = acc_t<scalar_t>;
+      SizedKernel<scalar_t, acc> k(z, s, t);
+      k.stats(weights.defined() ? weights.const_data_ptr<acc>() : nullptr, kl.mutable_data_ptr<acc>(), nullptr);
+    });
+  }
+  return kl_reduce(kl, weights, reduction, {z.B, z.H, z.W});
+}
+
+std::tuple<at::Tensor, at::Tensor> sized_backward(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                                  const at::Tensor& teacher, const std::optional<at::Tensor>& mask,
+                                                  bool teacher_is_logits, c10::string_view reduction_name,
+                                                  at::IntArrayRef size, std::array<bool, 2> output_mask) {
+  const auto z = make_sized(student_logits, teacher, size, teacher_is_logits);
+  const auto reduction = parse_reduction(reduction_name, kOp);
+  auto weights = sized_weights(mask, z, student_logits);
+  const int64_t N = z.H * z.W;
+  auto factor = kl_grad_factor(grad_loss, weights, reduction, z.B, N, z.acc_dtype);
+  at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : at::empty({0}, student_logits.options());
+  at::Tensor grad_t = output_mask[1] ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  auto in_dtype_like = [&](const at::Tensor& g, bool need) {
+    return need && g.scalar_type() != z.in_dtype ? at::empty_like(g, g.options().dtype(z.in_dtype)) : g;
+  };
+  at::Tensor gs = in_dtype_like(grad_s, output_mask[0]);
+  at::Tensor gt = in_dtype_like(grad_t, output_mask[1]);
+  if ((output_mask[0] || output_mask[1]) && z.B * N > 0 && z.C > 0) {
+    auto s = student_logits.to(z.in_dtype);
+    auto t = teacher.to(z.in_dtype);
+    // Pass 1: per output pixel statistics, O(B H W). Pass 2: per input pixel gathers.
+    auto stats = at::empty({4, z.B * N}, student_logits.options().dtype(z.acc_dtype));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.in_dtype, "masked_kl_div_backward_cpu_sized", [&] {
+      using acc = acc_t<scalar_t>;
+      acc* base = stats.mutable_data_ptr<acc>();
+      const cpu::PixelStats<acc> st{base, base + z.B * N, base + 2 * z.B * N, base + 3 * z.B * N};
+      const acc* wp = weights.defined() ? weights.const_data_ptr<acc>() : nullptr;
+      SizedKernel<scalar_t, acc> k(z, s, t);
+      k.stats(nullptr, nullptr, &st);
+      if (output_mask[0]) k.input_grad(true, st, wp, factor, gs);
+      if (output_mask[1]) k.input_grad(false, st, wp, factor, gt);
+    });
+  } else {
+    if (output_mask[0]) gs.zero_();
+    if (output_mask[1]) gt.zero_();
+  }
+  if (output_mask[0] && !gs.is_same(grad_s)) grad_s.copy_(gs);
+  if (output_mask[1] && !gt.is_same(grad_t)) grad_t.copy_(gt);
+  return {grad_s, grad_t};
+}
+
 at::Tensor masked_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor& teacher,
                              const std::optional<at::Tensor>& mask, bool teacher_is_logits,
-                             c10::string_view reduction_name) {
+                             c10::string_view reduction_name, at::OptionalIntArrayRef size) {
+  if (size.has_value() && !size_is_identity(student_logits, teacher, size))
+    return sized_forward(student_logits, teacher, mask, teacher_is_logits, reduction_name, *size);
   check_inputs(student_logits, teacher);
   const auto reduction = parse_reduction(reduction_name, kOp);
   const auto dtype = kl_compute_dtype(student_logits, teacher);
@@ -108,7 +287,11 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cpu(const at::Tensor& 
                                                               const at::Tensor& teacher,
                                                               const std::optional<at::Tensor>& mask,
                                                               bool teacher_is_logits, c10::string_view reduction_name,
+                                                              at::OptionalIntArrayRef size,
                                                               std::array<bool, 2> output_mask) {
+  if (size.has_value() && !size_is_identity(student_logits, teacher, size))
+    return sized_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction_name, *size,
+                          output_mask);
   check_inputs(student_logits, teacher);
   const auto reduction = parse_reduction(reduction_name, kOp);
   const auto dtype = kl_compute_dtype(student_logits, teacher);

@@ -8,6 +8,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/upsample_bilinear2d.h>
+#include <ATen/ops/upsample_bilinear2d_backward.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -16,6 +18,7 @@
 #include <vector>
 
 #include "tpswarp/cpu_kl_block.h"
+#include "tpswarp/cpu_kl_resize.h"
 #include "tpswarp/kl.h"
 #include "tpswarp/kl_args.h"
 #include "tpswarp/sampling.h"
@@ -29,6 +32,7 @@ constexpr const char* kOp = "warped_kl_div";
 constexpr int64_t kBlock = cpu::kKLBlock;
 
 struct Problem {
+  // With size=(H, W): H, W = size and the teacher is warped as if resized to (Ht, Wt) = (H, W) first.
   int64_t B, C, H, W, Ht, Wt, n;
   bool logits, align_corners;
   Reduction reduction;
@@ -103,6 +107,38 @@ void gather_block(const Problem& pb, const Block<acc>& blk, const scalar_t* stud
   }
 }
 
+// size=(H, W): the student (B, C, hs, ws) and the teacher (B, C, ht, wt) read through the
+// F.interpolate(bilinear, align_corners=False) taps (tpswarp/cpu_kl_resize.h); the warp samples the
+// resized teacher (H, W), each of its four taps read through the resize taps.
+template <typename acc> struct SizedAxes {
+  cpu::ResizeAxis<acc> sy, sx, ty, tx;
+};
+
+template <typename acc> SizedAxes<acc> make_sized_axes(const Problem& pb, const at::Tensor& s, const at::Tensor& t) {
+  return {cpu::make_resize_axis<acc>(s.size(2), pb.H), cpu::make_resize_axis<acc>(s.size(3), pb.W),
+          cpu::make_resize_axis<acc>(t.size(2), pb.Ht), cpu::make_resize_axis<acc>(t.size(3), pb.Wt)};
+}
+
+template <typename scalar_t, typename acc>
+void gather_block_sized(const Problem& pb, const Block<acc>& blk, const SizedAxes<acc>& ax, const scalar_t* student_b,
+                        const std::array<int64_t, 4>& ss, const scalar_t* teacher_b, const std::array<int64_t, 4>& ts,
+                        int64_t i, int64_t j0, acc* sbuf, acc* tbuf) {
+  cpu::gather_resized<scalar_t, acc>(student_b, ss, pb.C, ax.sy.tap[i], ax.sx.tap.data() + j0, blk.P, sbuf);
+  for (int64_t c = 0; c < pb.C; ++c) {
+    const scalar_t* plane = teacher_b + c * ts[1];
+    for (int64_t p = 0; p < blk.P; ++p) {
+      const auto& tp = blk.tap[p];
+      const auto &y0 = ax.ty.tap[tp.y0], &y1 = ax.ty.tap[tp.y1], &x0 = ax.tx.tap[tp.x0], &x1 = ax.tx.tap[tp.x1];
+      // fill 0, in bilinear_combine's order
+      acc v = tp.w00 * cpu::resize_sample<scalar_t, acc>(plane, ts[2], ts[3], y0, x0);
+      v += tp.w10 * cpu::resize_sample<scalar_t, acc>(plane, ts[2], ts[3], y0, x1);
+      v += tp.w01 * cpu::resize_sample<scalar_t, acc>(plane, ts[2], ts[3], y1, x0);
+      v += tp.w11 * cpu::resize_sample<scalar_t, acc>(plane, ts[2], ts[3], y1, x1);
+      tbuf[c * kBlock + p] = v;
+    }
+  }
+}
+
 // Per-pixel KL of a gathered block into out[p]; float uses the vectorized block math.
 template <typename acc>
 void block_kl(const Problem& pb, int64_t P, const acc* sbuf, const acc* tbuf, acc* out) {
@@ -147,7 +183,8 @@ std::array<int64_t, 4> strides4(const at::Tensor& t) { return {t.stride(0), t.st
 // Per-pixel weighted KL (B, H*W) and validity weights (B, H*W), in acc.
 template <typename scalar_t, typename acc>
 void forward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t, const at::Tensor& src_acc,
-                    const at::Tensor& params_acc, at::Tensor& kl, at::Tensor& weights) {
+                    const at::Tensor& params_acc, at::Tensor& kl, at::Tensor& weights,
+                    const SizedAxes<acc>* sized = nullptr, const cpu::PixelStats<acc>* stats = nullptr) {
   const scalar_t* sp = s.const_data_ptr<scalar_t>();
   const scalar_t* tp = t.const_data_ptr<scalar_t>();
   const acc* srcp = src_acc.const_data_ptr<acc>();
@@ -165,10 +202,16 @@ void forward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t,
       const int64_t i = (task / blocks_per_row) % pb.H;
       const int64_t j0 = (task % blocks_per_row) * kBlock;
       locate_block<scalar_t, acc>(pb, srcp + b * pb.n * 2, parp + b * (pb.n + 3) * 2, i, j0, blk);
-      gather_block<scalar_t, acc>(pb, blk, sp + b * ss[0], ss.data(), tp + b * ts[0], ts.data(), i, j0, sbuf.data(),
-                                  tbuf.data());
-      block_kl<acc>(pb, blk.P, sbuf.data(), tbuf.data(), out);
       const int64_t o = b * pb.H * pb.W + i * pb.W + j0;
+      if (sized) {
+        gather_block_sized<scalar_t, acc>(pb, blk, *sized, sp + b * ss[0], ss, tp + b * ts[0], ts, i, j0, sbuf.data(),
+                                          tbuf.data());
+        cpu::block_stats<acc>(pb.logits, pb.C, blk.P, sbuf.data(), tbuf.data(), out, stats, o);
+      } else {
+        gather_block<scalar_t, acc>(pb, blk, sp + b * ss[0], ss.data(), tp + b * ts[0], ts.data(), i, j0, sbuf.data(),
+                                    tbuf.data());
+        block_kl<acc>(pb, blk.P, sbuf.data(), tbuf.data(), out);
+      }
       for (int64_t p = 0; p < blk.P; ++p) {
         wp[o + p] = blk.valid[p];
         klp[o + p] = blk.valid[p] != acc(0) ? out[p] : acc(0);
@@ -177,10 +220,25 @@ void forward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t,
   });
 }
 
+// True when `size` is given and changes an input (else the full-resolution path serves it:
+// F.interpolate to the input's own size is the identity).
+bool uses_size(const at::Tensor& student, const at::Tensor& teacher, at::OptionalIntArrayRef size) {
+  if (!size.has_value()) return false;
+  cpu::check_kl_size(size, student, teacher, kOp);
+  return !(student.sizes().slice(2) == *size && teacher.sizes().slice(2) == *size);
+}
+
+void set_size(Problem& pb, at::IntArrayRef size) {
+  pb.H = pb.Ht = size[0];
+  pb.W = pb.Wt = size[1];
+}
+
 at::Tensor warped_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
                              const at::Tensor& params, bool teacher_is_logits, bool align_corners,
-                             c10::string_view reduction) {
-  const auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+                             c10::string_view reduction, at::OptionalIntArrayRef size) {
+  const bool sized = uses_size(student_logits, teacher, size);
+  auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+  if (sized) set_size(pb, *size);
   auto kl = at::zeros({pb.B, pb.H * pb.W}, student_logits.options().dtype(pb.acc_dtype));
   auto weights = at::zeros({pb.B, pb.H * pb.W}, kl.options());
   if (kl.numel() > 0 && pb.C > 0 && pb.Ht > 0 && pb.Wt > 0) {
@@ -189,10 +247,19 @@ at::Tensor warped_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor&
     auto src_acc = src.to(pb.acc_dtype).contiguous();
     auto params_acc = params.to(pb.acc_dtype).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pb.in_dtype, "warped_kl_div_cpu", [&] {
+      auto run = [&](auto acc_tag) {
+        using acc = decltype(acc_tag);
+        if (sized) {
+          const auto axes = make_sized_axes<acc>(pb, s, t);
+          forward_pixels<scalar_t, acc>(pb, s, t, src_acc, params_acc, kl, weights, &axes);
+        } else {
+          forward_pixels<scalar_t, acc>(pb, s, t, src_acc, params_acc, kl, weights);
+        }
+      };
       if (pb.acc_dtype == at::kDouble)
-        forward_pixels<scalar_t, double>(pb, s, t, src_acc, params_acc, kl, weights);
+        run(double{});
       else
-        forward_pixels<scalar_t, float>(pb, s, t, src_acc, params_acc, kl, weights);
+        run(float{});
     });
   }
   return kl_reduce(kl, weights, pb.reduction, {pb.B, pb.H, pb.W});
@@ -280,10 +347,118 @@ void backward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t
   }
 }
 
+// Backward with size=(H, W).
+// - student (the main path): fused. Pass 1 stores per output pixel statistics and validity
+//   (O(B H W)); pass 2 gathers each student input pixel's gradient from the output pixels that
+//   read it (cpu::resize_gather_grad: disjoint input rows per task, no atomics, deterministic).
+// - teacher / src / params (rare with size): COMPOSED, not fused, as the reference's VJP:
+//   the inputs are resized with ATen's upsample_bilinear2d (what F.interpolate calls) in the compute
+//   dtype, the full-resolution backward below gives the gradients of the resized teacher, src and
+//   params, and upsample_bilinear2d_backward brings the teacher's back to its resolution. This
+//   allocates B x C x H x W tensors (documented in tpswarp.warped_kl_div's docstring).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
     const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
-    std::array<bool, 4> output_mask) {
+    at::OptionalIntArrayRef size, std::array<bool, 4> output_mask);
+
+at::Tensor resize_to(const at::Tensor& x, at::IntArrayRef size, at::ScalarType dtype) {
+  auto y = x.to(dtype);
+  if (y.sizes().slice(2) == size) return y;
+  return at::upsample_bilinear2d(y, size, /*align_corners=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sized_backward(
+    const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
+    const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
+    at::IntArrayRef size, std::array<bool, 4> output_mask) {
+  auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+  set_size(pb, size);
+  auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };
+  at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : placeholder(student_logits);
+  at::Tensor grad_t = placeholder(teacher), grad_src = placeholder(src), grad_params = placeholder(params);
+  const int64_t N = pb.H * pb.W;
+
+  if (output_mask[1] || output_mask[2] || output_mask[3]) {  // composed (see above)
+    auto s_up = resize_to(student_logits, size, pb.acc_dtype);
+    auto t_up = resize_to(teacher, size, pb.acc_dtype);
+    auto g = warped_kl_div_backward_cpu(grad_loss, s_up, t_up, src, params, teacher_is_logits, align_corners,
+                                        reduction, std::nullopt, {false, output_mask[1], output_mask[2], output_mask[3]});
+    if (output_mask[1]) {
+      auto gt_up = std::get<1>(g);
+      auto gt = teacher.sizes().slice(2) == size
+                    ? gt_up
+                    : at::upsample_bilinear2d_backward(gt_up, size, teacher.sizes(), /*align_corners=*/false);
+      grad_t = at::empty_like(teacher);
+      grad_t.copy_(gt);
+    }
+    grad_src = std::get<2>(g);
+    grad_params = std::get<3>(g);
+  }
+  if (!output_mask[0]) return {grad_s, grad_t, grad_src, grad_params};
+  if (pb.B * N == 0 || pb.C == 0) {
+    grad_s.zero_();
+    return {grad_s, grad_t, grad_src, grad_params};
+  }
+
+  auto s = student_logits.to(pb.in_dtype);
+  auto t = teacher.to(pb.in_dtype);
+  auto src_acc = src.to(pb.acc_dtype).contiguous();
+  auto params_acc = params.to(pb.acc_dtype).contiguous();
+  auto kl = at::zeros({pb.B, N}, student_logits.options().dtype(pb.acc_dtype));
+  auto weights = at::zeros({pb.B, N}, kl.options());
+  auto stats = at::empty({4, pb.B * N}, kl.options());
+  at::Tensor gs = grad_s.scalar_type() != pb.in_dtype ? at::empty_like(grad_s, grad_s.options().dtype(pb.in_dtype))
+                                                      : grad_s;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pb.in_dtype, "warped_kl_div_backward_cpu_sized", [&] {
+    auto run = [&](auto acc_tag) {
+      using acc = decltype(acc_tag);
+      const auto axes = make_sized_axes<acc>(pb, s, t);
+      acc* base = stats.mutable_data_ptr<acc>();
+      const cpu::PixelStats<acc> st{base, base + pb.B * N, base + 2 * pb.B * N, base + 3 * pb.B * N};
+      // Pass 1: statistics and validity weights (the mean's denominator).
+      forward_pixels<scalar_t, acc>(pb, s, t, src_acc, params_acc, kl, weights, &axes, &st);
+      auto factor = kl_grad_factor(grad_loss, weights, pb.reduction, pb.B, N, pb.acc_dtype);
+      const acc* fp = factor.const_data_ptr<acc>();
+      const bool per_pixel_factor = factor.dim() != 0;
+      const acc* wp = weights.const_data_ptr<acc>();
+      const acc* srcp = src_acc.const_data_ptr<acc>();
+      const acc* parp = params_acc.const_data_ptr<acc>();
+      const scalar_t* sp = s.const_data_ptr<scalar_t>();
+      const scalar_t* tp = t.const_data_ptr<scalar_t>();
+      const auto ss = strides4(s), ts = strides4(t);
+      // Pass 2: the gradient w.r.t. the resized student of output row r, gathered per student input row.
+      auto row_grad = [&](int64_t b, int64_t r, acc* buf, acc* scratch) {
+        Block<acc> blk;
+        acc* sbuf = scratch;  // [C][kBlock] resized student
+        acc* tbuf = sbuf + pb.C * kBlock;  // [C][kBlock] warped resized teacher
+        acc scale[kBlock];
+        for (int64_t j0 = 0; j0 < pb.W; j0 += kBlock) {
+          locate_block<scalar_t, acc>(pb, srcp + b * pb.n * 2, parp + b * (pb.n + 3) * 2, r, j0, blk);
+          gather_block_sized<scalar_t, acc>(pb, blk, axes, sp + b * ss[0], ss, tp + b * ts[0], ts, r, j0, sbuf, tbuf);
+          const int64_t o = b * N + r * pb.W + j0;
+          for (int64_t p = 0; p < blk.P; ++p) scale[p] = (per_pixel_factor ? fp[o + p] : fp[0]) * wp[o + p];
+          cpu::block_grad_from_stats<acc>(pb.logits, pb.C, blk.P, sbuf, tbuf, st, o, scale, buf + j0, nullptr, pb.W);
+        }
+      };
+      cpu::resize_gather_grad<acc, scalar_t>(pb.B, pb.C, axes.sy, axes.sx, gs.mutable_data_ptr<scalar_t>(), strides4(gs),
+                                             2 * pb.C * kBlock, row_grad);
+    };
+    if (pb.acc_dtype == at::kDouble)
+      run(double{});
+    else
+      run(float{});
+  });
+  if (!gs.is_same(grad_s)) grad_s.copy_(gs);
+  return {grad_s, grad_t, grad_src, grad_params};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
+    const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
+    at::OptionalIntArrayRef size, std::array<bool, 4> output_mask) {
+  if (uses_size(student_logits, teacher, size))
+    return sized_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction,
+                          *size, output_mask);
   const auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
   const bool need_coords = output_mask[2] || output_mask[3];
   auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };

@@ -62,5 +62,14 @@ def reference_vjp(fn: Callable, inputs: Sequence, grad: torch.Tensor, output_mas
     return tuple(result)
 
 
+def keep_layout(g: torch.Tensor, x: torch.Tensor, needed: bool) -> torch.Tensor:
+    """The gradient ``g`` of input ``x`` with ``torch.empty_like(x)``'s strides (what the fake kernels
+    and the compiled kernels return: channels_last is kept), copying only when they differ."""
+    if not needed or g.stride() == x.stride() or g.shape != x.shape:
+        return g
+    like = torch.empty_like(x)
+    return g if g.stride() == like.stride() else like.copy_(g)
+
+
 def gradient_or_none(g: torch.Tensor, needed: bool):
     return g if needed else None

@@ -1,15 +1,15 @@
 """Public op ``tpswarp.masked_kl_div``."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from .._backend import register_python_backend
-from .._validation import check_masked_kl_div, mask_to_weights
+from .._validation import check_masked_kl_div, mask_to_weights, output_spatial
 from ..reference.masked_kl_div import masked_kl_div as reference_masked_kl_div
 from ..reference._tps_math import compute_dtype
-from ._common import gradient_or_none, reference_vjp
+from ._common import gradient_or_none, keep_layout, reference_vjp
 
 
 def masked_kl_div(
@@ -19,35 +19,53 @@ def masked_kl_div(
     *,
     teacher_is_logits: bool = False,
     reduction: str = "mean",
+    size: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Dense ``KL(p_t || softmax(student_logits))`` over the class dim, masked.
 
     Per pixel ``sum_c p_t,c (log p_t,c - log_softmax(s)_c)`` with ``0 log 0 = 0``.
 
     Args:
-        student_logits: ``(B, C, *spatial)``.
-        teacher: same shape: probabilities, or logits when ``teacher_is_logits``.
+        student_logits: ``(B, C, *spatial)``; ``(B, C, hs, ws)`` with ``size``.
+        teacher: same shape: probabilities, or logits when ``teacher_is_logits``. With
+            ``size``, ``(B, C, ht, wt)`` at any resolution (it may differ from the student's).
         mask: ``(B, *spatial)`` or ``(B, 1, *spatial)``, bool or float weights; None = all.
+            With ``size``, at the output size: ``(B, H, W)`` or ``(B, 1, H, W)``.
         reduction: ``"mean"``: ``sum(m * KL) / sum(m)``, 0 with zero gradient for an empty
-            mask; ``"sum"``; ``"none"``: ``(B, *spatial)`` holding ``m * KL``.
+            mask; ``"sum"``; ``"none"``: ``(B, *spatial)`` holding ``m * KL`` (``(B, H, W)``
+            with ``size``).
+        size: ``(H, W)`` output size, 2-D spatial inputs only. The student and the teacher are
+            read as if first resized to it by ``F.interpolate(x, size=(H, W), mode="bilinear",
+            align_corners=False)`` in the compute dtype (identity at their own size), then
+            the loss above is taken at ``(H, W)``. The fused kernels read the low-resolution
+            inputs through the interpolation taps: no ``(B, C, H, W)`` tensor is created
+            besides the gradients of the inputs (which have the inputs' shapes). On the C++
+            CPU backend both gradients (student, and teacher for two-way consistency) are
+            fused: per-output-pixel statistics, then a deterministic gather per input pixel.
 
     Returns:
         The loss, float32 (float64 if an input is float64); half inputs are computed in
         float32. Gradients flow to ``student_logits``, and to ``teacher`` when it requires
         grad. The backward recomputes the softmax instead of keeping it alive.
     """
-    check_masked_kl_div(student_logits, teacher, mask, reduction)
-    weights = mask_to_weights(mask, student_logits.shape[0], student_logits.shape[2:])
-    return torch.ops.tpswarp.masked_kl_div(student_logits, teacher, weights, bool(teacher_is_logits), reduction)
+    check_masked_kl_div(student_logits, teacher, mask, reduction, size)
+    weights = mask_to_weights(mask, student_logits.shape[0], output_spatial(student_logits, size))
+    return torch.ops.tpswarp.masked_kl_div(student_logits, teacher, weights, bool(teacher_is_logits), reduction,
+                                           None if size is None else [int(s) for s in size])
 
 
-def loss_shape(student_logits: torch.Tensor, reduction: str) -> tuple:
-    return (student_logits.shape[0], *student_logits.shape[2:]) if reduction == "none" else ()
+def loss_shape(student_logits: torch.Tensor, reduction: str, size=None) -> tuple:
+    """Shape of the loss: ``(B, *spatial)`` for ``reduction="none"`` (spatial = ``size`` if given), else ``()``."""
+    if reduction != "none":
+        return ()
+    spatial = tuple(student_logits.shape[2:]) if size is None else tuple(size)
+    return (student_logits.shape[0], *spatial)
 
 
 @torch.library.register_fake("tpswarp::masked_kl_div")
-def _fake(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean"):
-    return student_logits.new_empty(loss_shape(student_logits, reduction), dtype=compute_dtype(student_logits, teacher))
+def _fake(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean", size=None):
+    shape = loss_shape(student_logits, reduction, size)
+    return student_logits.new_empty(shape, dtype=compute_dtype(student_logits, teacher))
 
 
 def fake_input_grads(inputs, output_mask):
@@ -56,34 +74,36 @@ def fake_input_grads(inputs, output_mask):
 
 
 @torch.library.register_fake("tpswarp::_masked_kl_div_backward")
-def _fake_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, output_mask):
+def _fake_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, size, output_mask):
     return fake_input_grads((student_logits, teacher), output_mask)
 
 
 def _setup_context(ctx, inputs, output):
-    student_logits, teacher, mask, teacher_is_logits, reduction = inputs
+    student_logits, teacher, mask, teacher_is_logits, reduction, size = inputs
     ctx.save_for_backward(student_logits, teacher, mask)
-    ctx.options = (teacher_is_logits, reduction)
+    ctx.options = (teacher_is_logits, reduction, size)
 
 
 def _backward(ctx, grad_loss):
     needs = [bool(n) for n in ctx.needs_input_grad[:2]]
     grads = torch.ops.tpswarp._masked_kl_div_backward(grad_loss, *ctx.saved_tensors, *ctx.options, needs)
-    return (*(gradient_or_none(g, n) for g, n in zip(grads, needs)), None, None, None)
+    return (*(gradient_or_none(g, n) for g, n in zip(grads, needs)), None, None, None, None)
 
 
 torch.library.register_autograd("tpswarp::masked_kl_div", _backward, setup_context=_setup_context)
 
 
-def _reference_forward(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean"):
-    return reference_masked_kl_div(student_logits, teacher, mask, teacher_is_logits=teacher_is_logits, reduction=reduction)
+def _reference_forward(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean", size=None):
+    return reference_masked_kl_div(student_logits, teacher, mask, teacher_is_logits=teacher_is_logits,
+                                   reduction=reduction, size=size)
 
 
-def _reference_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, output_mask):
+def _reference_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, size, output_mask):
     def loss(s, t):
-        return _reference_forward(s, t, mask, teacher_is_logits, reduction)
+        return _reference_forward(s, t, mask, teacher_is_logits, reduction, size)
 
-    return reference_vjp(loss, (student_logits, teacher), grad_loss, output_mask)
+    grads = reference_vjp(loss, (student_logits, teacher), grad_loss, output_mask)
+    return tuple(keep_layout(g, x, need) for g, x, need in zip(grads, (student_logits, teacher), output_mask))
 
 
 register_python_backend("masked_kl_div", "reference", _reference_forward, _reference_backward)

@@ -1,13 +1,15 @@
 """Public op ``tpswarp.warped_kl_div``: the paper's Eq. 3-4 in one pass."""
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 
 from .._backend import register_python_backend
 from .._validation import check_warped_kl_div
 from ..reference._tps_math import compute_dtype
 from ..reference.warped_kl_div import warped_kl_div as reference_warped_kl_div
-from ._common import gradient_or_none, reference_vjp
+from ._common import gradient_or_none, keep_layout, reference_vjp
 from .masked_kl_div import fake_input_grads, loss_shape
 
 
@@ -20,6 +22,7 @@ def warped_kl_div(
     teacher_is_logits: bool = False,
     align_corners: bool = False,
     reduction: str = "mean",
+    size: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """One-way consistency loss: KL between the TPS-warped teacher and the student.
 
@@ -32,55 +35,72 @@ def warped_kl_div(
         teacher: ``(B, C, Ht, Wt)`` clean-input predictions (probabilities or logits).
         src, params: the TPS warp of the perturbation (:func:`tps_solve`).
         reduction: ``"mean"`` over valid pixels (0 if none), ``"sum"`` or ``"none"`` ``(B, H, W)``.
+        size: ``(H, W)`` output size. ``student_logits (B, C, hs, ws)`` and ``teacher
+            (B, C, ht, wt)`` (any resolutions) are read as if first resized to ``(H, W)`` by
+            ``F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)`` in the
+            compute dtype; the resized teacher is then warped to ``(H, W)`` and the loss taken
+            there: ``warped_kl_div(interp(student), interp(teacher), src, params, ...)``.
+            ``reduction="none"`` gives ``(B, H, W)``. The fused kernels read the inputs through
+            the interpolation taps (no ``(B, C, H, W)`` tensor besides the input gradients).
+            On the C++ CPU backend the student gradient is fused (per-output-pixel statistics,
+            then a deterministic gather per input pixel); the gradients to ``teacher``, ``src``
+            and ``params`` with ``size`` are composed as the reference's VJP (the inputs
+            resized with ``upsample_bilinear2d``, the full-resolution backward, then the
+            upsample's backward), which allocates ``(B, C, H, W)`` tensors.
 
     Returns:
         The loss, float32 (float64 for float64 inputs). Differentiable w.r.t.
         ``student_logits``, ``teacher``, ``src`` and ``params``.
     """
-    check_warped_kl_div(student_logits, teacher, src, params, reduction)
+    check_warped_kl_div(student_logits, teacher, src, params, reduction, size)
     return torch.ops.tpswarp.warped_kl_div(
-        student_logits, teacher, src, params, bool(teacher_is_logits), bool(align_corners), reduction
+        student_logits, teacher, src, params, bool(teacher_is_logits), bool(align_corners), reduction,
+        None if size is None else [int(s) for s in size],
     )
 
 
 @torch.library.register_fake("tpswarp::warped_kl_div")
-def _fake(student_logits, teacher, src, params, teacher_is_logits=False, align_corners=False, reduction="mean"):
+def _fake(student_logits, teacher, src, params, teacher_is_logits=False, align_corners=False, reduction="mean",
+          size=None):
     dtype = compute_dtype(student_logits, teacher, params)
-    return student_logits.new_empty(loss_shape(student_logits, reduction), dtype=dtype)
+    return student_logits.new_empty(loss_shape(student_logits, reduction, size), dtype=dtype)
 
 
 @torch.library.register_fake("tpswarp::_warped_kl_div_backward")
-def _fake_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction, output_mask):
+def _fake_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction, size,
+                   output_mask):
     return fake_input_grads((student_logits, teacher, src, params), output_mask)
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, teacher_is_logits, align_corners, reduction = inputs
+    *tensors, teacher_is_logits, align_corners, reduction, size = inputs
     ctx.save_for_backward(*tensors)
-    ctx.options = (teacher_is_logits, align_corners, reduction)
+    ctx.options = (teacher_is_logits, align_corners, reduction, size)
 
 
 def _backward(ctx, grad_loss):
     needs = [bool(n) for n in ctx.needs_input_grad[:4]]
     grads = torch.ops.tpswarp._warped_kl_div_backward(grad_loss, *ctx.saved_tensors, *ctx.options, needs)
-    return (*(gradient_or_none(g, n) for g, n in zip(grads, needs)), None, None, None)
+    return (*(gradient_or_none(g, n) for g, n in zip(grads, needs)), None, None, None, None)
 
 
 torch.library.register_autograd("tpswarp::warped_kl_div", _backward, setup_context=_setup_context)
 
 
 def _reference_forward(student_logits, teacher, src, params, teacher_is_logits=False, align_corners=False,
-                       reduction="mean"):
+                       reduction="mean", size=None):
     return reference_warped_kl_div(student_logits, teacher, src, params, teacher_is_logits=teacher_is_logits,
-                                   align_corners=align_corners, reduction=reduction)
+                                   align_corners=align_corners, reduction=reduction, size=size)
 
 
 def _reference_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners,
-                        reduction, output_mask):
+                        reduction, size, output_mask):
     def loss(s, t, c, p):
-        return _reference_forward(s, t, c, p, teacher_is_logits, align_corners, reduction)
+        return _reference_forward(s, t, c, p, teacher_is_logits, align_corners, reduction, size)
 
-    return reference_vjp(loss, (student_logits, teacher, src, params), grad_loss, output_mask)
+    tensors = (student_logits, teacher, src, params)
+    grads = reference_vjp(loss, tensors, grad_loss, output_mask)
+    return tuple(keep_layout(g, x, need) for g, x, need in zip(grads, tensors, output_mask))
 
 
 register_python_backend("warped_kl_div", "reference", _reference_forward, _reference_backward)

@@ -1,15 +1,25 @@
 """Reference masked dense KL divergence KL(teacher || softmax(student))."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .._validation import check_masked_kl_div, mask_to_weights
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def resize(x: torch.Tensor, size: Optional[Sequence[int]], dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, resized to ``size`` as ``F.interpolate(mode="bilinear", align_corners=False)``
+    (the ``size=`` argument of the KL ops); unchanged when ``size`` is None or already the size."""
+    x = x.to(dtype)
+    if size is None or tuple(x.shape[2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
 
 
 def pixel_kl(student_logits: torch.Tensor, teacher: torch.Tensor, teacher_is_logits: bool) -> torch.Tensor:
@@ -47,18 +57,26 @@ def masked_kl_div(
     *,
     teacher_is_logits: bool = False,
     reduction: str = "mean",
+    size: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Masked ``KL(p_t || softmax(student_logits))`` over dim 1.
 
     Args:
-        student_logits: ``(B, C, *spatial)``.
-        teacher: same shape; probabilities, or logits when ``teacher_is_logits``.
+        student_logits: ``(B, C, *spatial)``; ``(B, C, hs, ws)`` with ``size``.
+        teacher: same shape; probabilities, or logits when ``teacher_is_logits``. With ``size``,
+            ``(B, C, ht, wt)``: any resolution.
         mask: ``(B, *spatial)`` or ``(B, 1, *spatial)``, bool or float weights; None = all valid.
+            With ``size``, at the output size ``(B, H, W)`` / ``(B, 1, H, W)``.
         reduction: ``"mean"`` = ``sum(m * KL) / sum(m)`` (0 for an empty mask), ``"sum"``,
-            or ``"none"`` giving ``(B, *spatial)`` with ``m * KL``.
+            or ``"none"`` giving ``(B, *spatial)`` with ``m * KL`` (``(B, H, W)`` with ``size``).
+        size: ``(H, W)``: the student and the teacher are first resized to it in the compute
+            dtype, as ``F.interpolate(x, size, mode="bilinear", align_corners=False)``.
 
     Returns a float32 loss for half inputs, float64 for float64 inputs, else float32.
     """
-    check_masked_kl_div(student_logits, teacher, mask, reduction)
+    check_masked_kl_div(student_logits, teacher, mask, reduction, size)
+    if size is not None:
+        ct = _compute_dtype(student_logits, teacher)
+        student_logits, teacher = resize(student_logits, size, ct), resize(teacher, size, ct)
     weights = mask_to_weights(mask, student_logits.shape[0], student_logits.shape[2:])
     return reduce_loss(pixel_kl(student_logits, teacher, teacher_is_logits), weights, reduction)

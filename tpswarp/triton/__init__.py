@@ -15,6 +15,17 @@ under ``TRITON_INTERPRET=1`` (Triton's interpreter, which the CPU tests use).
 | ``tps_solve``, ``tps_transform`` | none: a few dozen flops per batch item or point, so the |
 |  | "triton" backend serves them with the reference (PyTorch ops on the same device). |
 
+``size=(H, W)`` of ``masked_kl_div`` / ``warped_kl_div`` (``_resize.py``, the taps of
+``csrc/include/tpswarp/upsample.h``): the low-resolution student and teacher are read through the
+bilinear taps of ``F.interpolate(mode="bilinear", align_corners=False)``, so no B x C x H x W
+tensor is allocated (for ``warped_kl_div`` the warp samples the resized teacher: a bilinear of
+bilinears). Backward: pass 1 writes per-output-pixel statistics (O(B*H*W)), pass 2 gathers each
+low-resolution pixel's gradient over the output pixels that read it (deterministic, no atomics):
+the student and teacher gradients of ``masked_kl_div`` and the student gradient of
+``warped_kl_div``. The teacher/src/params gradients of ``warped_kl_div`` with ``size`` are NOT
+native: they compose through the reference VJP (F.interpolate + the reference warp; on CUDA its
+interpolate backward uses atomics).
+
 How torch.compile sees them: the kernels are launched directly from the Python kernels
 registered for the ``tpswarp::*`` ops (not through ``torch.library.triton_op``). The public
 ops are schema-defined custom ops whose implementation is chosen per backend by registering

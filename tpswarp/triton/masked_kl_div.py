@@ -12,6 +12,10 @@ Inputs are read through their strides (channels_last / non-contiguous without co
 half inputs are accumulated in float32, float64 in float64. Mean and sum reductions write one
 partial per program and are summed by torch in a fixed order (deterministic); the mean's
 denominator stays on the device.
+
+With ``size=(H, W)`` (``masked_kl_div_size_forward`` / ``_backward``): the low-resolution student
+and teacher are read through the bilinear resize taps (``_resize.py``); both gradients are native:
+per-output-pixel statistics, then a deterministic gather per low-resolution input pixel.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .._backend import register_python_backend
+from ._resize import reader_span, readers_begin, resize_scales, resize_tap, resize_weight, resized_tile
 from ._utils import (INTERPRET, acc_dtype, as_4d, cast_to, device_guard, merged_pixels, next_pow2, pixel_offsets,
                      strides4, tl_dtype)
 
@@ -270,7 +275,9 @@ def _reduce(kl_or_partials, weights, reduction, numel, ct):
     return total / torch.where(count != 0, count, torch.ones_like(count))
 
 
-def masked_kl_div_forward(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean"):
+def masked_kl_div_forward(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean", size=None):
+    if size is not None:
+        return masked_kl_div_size_forward(student_logits, teacher, mask, teacher_is_logits, reduction, size)
     _check(student_logits, teacher, reduction)
     ct = acc_dtype(student_logits, teacher)
     B, C = student_logits.shape[:2]
@@ -306,7 +313,11 @@ def _grad_buffer(x: torch.Tensor, needed: bool) -> torch.Tensor:
     return torch.empty_like(x) if x.dim() <= 4 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def masked_kl_div_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, output_mask):
+def masked_kl_div_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, size,
+                           output_mask):
+    if size is not None:
+        return masked_kl_div_size_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction,
+                                           size, output_mask)
     _check(student_logits, teacher, reduction)
     want_s, want_t = bool(output_mask[0]), bool(output_mask[1])
     grad_s = _grad_buffer(student_logits, want_s)
@@ -341,6 +352,316 @@ def masked_kl_div_backward(grad_loss, student_logits, teacher, mask, teacher_is_
             SINGLE=single, BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_dtype(ct),
             MERGED=merged_pixels(s4, t4, gs4, gt4), num_warps=NUM_WARPS,
         )
+    return grad_s, grad_t
+
+
+# ----------------------------------------------------------------------------------------
+# size=(H, W): student and teacher read through the bilinear taps of F.interpolate
+# ----------------------------------------------------------------------------------------
+# The backward's first pass writes N_STATS values per output pixel, rows of a (B, N_STATS, H*W)
+# buffer: s_max, log_zs, t_max, log_zt, kl, p_sum, scale (mask weight x per-pixel upstream gradient).
+N_STATS = 7
+
+
+@triton.jit
+def _resized_stats(s_base, ss_c, ss_h, ss_w, t_base, ts_c, ts_h, ts_w, Y, X, pm, C, hs, ws, ht, wt, sc_ptr, offs_c,
+                   SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                   TEACHER_LOGITS: tl.constexpr, ACC: tl.constexpr):
+    """Per-output-pixel (s_max, log_zs, t_max, log_zt, kl, p_sum) of the resized student and teacher
+    at output rows ``Y`` and columns ``X``."""
+    sr0, sr1, slr0, slr1 = resize_tap(Y, hs, tl.load(sc_ptr))
+    sq0, sq1, slq0, slq1 = resize_tap(X, ws, tl.load(sc_ptr + 1))
+    tr0, tr1, tlr0, tlr1 = resize_tap(Y, ht, tl.load(sc_ptr + 2))
+    tq0, tq1, tlq0, tlq1 = resize_tap(X, wt, tl.load(sc_ptr + 3))
+    if SINGLE:
+        s, m = resized_tile(s_base, 0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1, pm, ACC)
+        t, _ = resized_tile(t_base, 0, offs_c, C, ts_c, ts_h, ts_w, tr0, tr1, tlr0, tlr1, tq0, tq1, tlq0, tlq1, pm, ACC)
+        s_max, log_zs, t_max, log_zt, kl, p_sum = _tile_stats(s, t, m, pm, TEACHER_LOGITS)
+    else:
+        s_max = tl.full((BLOCK_P,), float("-inf"), ACC)
+        t_max = tl.full((BLOCK_P,), float("-inf"), ACC)
+        for c0 in range(0, C, BLOCK_C):
+            s, m = resized_tile(s_base, c0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1,
+                                pm, ACC)
+            s_max = tl.maximum(s_max, tl.max(tl.where(m, s, float("-inf")), axis=0))
+            if TEACHER_LOGITS:
+                t, _ = resized_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, tr0, tr1, tlr0, tlr1, tq0, tq1, tlq0,
+                                    tlq1, pm, ACC)
+                t_max = tl.maximum(t_max, tl.max(tl.where(m, t, float("-inf")), axis=0))
+        s_max = tl.where(pm, s_max, 0.0)
+        t_max = tl.where(pm, t_max, 0.0)
+        zs = tl.zeros((BLOCK_P,), ACC)
+        zt = tl.zeros((BLOCK_P,), ACC)
+        cross = tl.zeros((BLOCK_P,), ACC)
+        p_log_p = tl.zeros((BLOCK_P,), ACC)
+        p_sum = tl.zeros((BLOCK_P,), ACC)
+        for c0 in range(0, C, BLOCK_C):
+            s, m = resized_tile(s_base, c0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1,
+                                pm, ACC)
+            t, _ = resized_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, tr0, tr1, tlr0, tlr1, tq0, tq1, tlq0, tlq1,
+                                pm, ACC)
+            a, b, c, d, e = _tile_sums(s, t, m, s_max, t_max, TEACHER_LOGITS)
+            zs += a
+            zt += b
+            cross += c
+            p_log_p += d
+            p_sum += e
+        log_zs, log_zt, kl, p_sum = _finish(zs, zt, cross, p_log_p, p_sum, pm, TEACHER_LOGITS)
+    return s_max, log_zs, t_max, log_zt, kl, p_sum
+
+
+@triton.jit
+def _resized_kl_fwd_kernel(
+    s_ptr, t_ptr, w_ptr, f_ptr, out_ptr, sc_ptr,
+    C, H, W, hs, ws, ht, wt,
+    ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w,
+    TEACHER_LOGITS: tl.constexpr, HAS_W: tl.constexpr, REDUCE_NONE: tl.constexpr, STATS: tl.constexpr,
+    FACTOR_PER_PIXEL: tl.constexpr, SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Forward over output pixels: the loss (``STATS=False``: per pixel or per-program partials),
+    or the backward's first pass (``STATS=True``): the statistics of every output pixel, with
+    ``scale`` = mask weight (times the upstream gradient of that pixel for ``reduction="none"``)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    N = H * W
+    offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = offs < N
+    Y = offs // W
+    X = offs % W
+    offs_c = tl.arange(0, BLOCK_C)
+    s_max, log_zs, t_max, log_zt, kl, p_sum = _resized_stats(
+        s_ptr + b * ss_b, ss_c, ss_h, ss_w, t_ptr + b * ts_b, ts_c, ts_h, ts_w, Y, X, pm, C, hs, ws, ht, wt, sc_ptr,
+        offs_c, SINGLE, BLOCK_C, BLOCK_P, TEACHER_LOGITS, ACC)
+    if STATS:
+        if FACTOR_PER_PIXEL:
+            scale = tl.load(f_ptr + b * N + offs, mask=pm, other=0.0).to(ACC)
+        else:
+            scale = tl.full((BLOCK_P,), 1.0, ACC)
+        if HAS_W:
+            scale = scale * tl.load(w_ptr + b * N + offs, mask=pm, other=0.0)
+        scale = tl.where(pm, scale, 0.0)
+        st = out_ptr + b * (7 * N) + offs
+        tl.store(st + 0 * N, s_max, mask=pm)
+        tl.store(st + 1 * N, log_zs, mask=pm)
+        tl.store(st + 2 * N, t_max, mask=pm)
+        tl.store(st + 3 * N, log_zt, mask=pm)
+        tl.store(st + 4 * N, kl, mask=pm)
+        tl.store(st + 5 * N, p_sum, mask=pm)
+        tl.store(st + 6 * N, scale, mask=pm)
+    else:
+        if HAS_W:
+            wt_ = tl.load(w_ptr + b * N + offs, mask=pm, other=0.0)
+            kl = tl.where(wt_ != 0, kl * wt_, 0.0)
+        kl = tl.where(pm, kl, 0.0)
+        if REDUCE_NONE:
+            tl.store(out_ptr + b * N + offs, kl, mask=pm)
+        else:
+            tl.store(out_ptr + b * tl.num_programs(0) + pid, tl.sum(kl, axis=0))
+
+
+@triton.jit
+def _resized_kl_gather_kernel(
+    s_ptr, t_ptr, st_ptr, f_ptr, sc_ptr, g_ptr,
+    C, H, W, hs, ws, ht, wt, RY, RX,
+    ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w, g_b, g_c, g_h, g_w,
+    TEACHER_LOGITS: tl.constexpr, TARGET_TEACHER: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Backward's second pass: the gradient of one low-resolution input (the student, or the
+    teacher with ``TARGET_TEACHER``) for a (classes x input pixels) tile. Each input pixel sums
+    ``weight * dKL/d(resized input)`` over the output pixels that read it (``RY x RX`` candidates
+    from ``readers_begin``, weight 0 for the others), recomputing the resized logits there from
+    the pass-1 statistics: a gather in a fixed order, no atomics, deterministic."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    c0 = tl.program_id(2) * BLOCK_C
+    N = H * W
+    sc_sy = tl.load(sc_ptr)
+    sc_sx = tl.load(sc_ptr + 1)
+    sc_ty = tl.load(sc_ptr + 2)
+    sc_tx = tl.load(sc_ptr + 3)
+    if TARGET_TEACHER:
+        hg = ht
+        wg = wt
+        sc_gy = sc_ty
+        sc_gx = sc_tx
+    else:
+        hg = hs
+        wg = ws
+        sc_gy = sc_sy
+        sc_gx = sc_sx
+    offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = offs < hg * wg
+    y = offs // wg
+    x = offs % wg
+    by = readers_begin(y, sc_gy)
+    bx = readers_begin(x, sc_gx)
+    offs_c = tl.arange(0, BLOCK_C)
+    s_base = s_ptr + b * ss_b
+    t_base = t_ptr + b * ts_b
+    st = st_ptr + b * (7 * N)
+    factor = tl.load(f_ptr).to(ACC)
+    acc = tl.zeros((BLOCK_C, BLOCK_P), ACC)
+    for ky in range(RY):
+        Y = by + ky
+        sr0, sr1, slr0, slr1 = resize_tap(Y, hs, sc_sy)
+        tr0, tr1, tlr0, tlr1 = resize_tap(Y, ht, sc_ty)
+        if TARGET_TEACHER:
+            wy = resize_weight(tr0, tr1, tlr0, tlr1, y)
+        else:
+            wy = resize_weight(sr0, sr1, slr0, slr1, y)
+        row_ok = pm & (Y < H) & (wy != 0)
+        for kx in range(RX):
+            X = bx + kx
+            sq0, sq1, slq0, slq1 = resize_tap(X, ws, sc_sx)
+            tq0, tq1, tlq0, tlq1 = resize_tap(X, wt, sc_tx)
+            if TARGET_TEACHER:
+                wx = resize_weight(tq0, tq1, tlq0, tlq1, x)
+            else:
+                wx = resize_weight(sq0, sq1, slq0, slq1, x)
+            ok = row_ok & (X < W) & (wx != 0)
+            pix = Y * W + X
+            scale = tl.load(st + 6 * N + pix, mask=ok, other=0.0)
+            live = ok & (scale != 0)
+            s_max = tl.load(st + pix, mask=live, other=0.0)
+            log_zs = tl.load(st + N + pix, mask=live, other=0.0)
+            t_max = tl.load(st + 2 * N + pix, mask=live, other=0.0)
+            log_zt = tl.load(st + 3 * N + pix, mask=live, other=0.0)
+            kl = tl.load(st + 4 * N + pix, mask=live, other=0.0)
+            p_sum = tl.load(st + 5 * N + pix, mask=live, other=0.0)
+            s, m = resized_tile(s_base, c0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1,
+                                live, ACC)
+            t, _ = resized_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, tr0, tr1, tlr0, tlr1, tq0, tq1, tlq0, tlq1,
+                                live, ACC)
+            gs, gt = _tile_grads(s, t, m, s_max, log_zs, t_max, log_zt, kl, p_sum, scale * factor, TEACHER_LOGITS)
+            w = (wy * wx)[None, :]
+            if TARGET_TEACHER:
+                acc += w * gt
+            else:
+                acc += w * gs
+    cc = (c0 + offs_c)[:, None]
+    g_off = y * g_h + x * g_w
+    tl.store(g_ptr + b * g_b + cc * g_c + g_off[None, :], cast_to(acc, g_ptr.dtype.element_ty),
+             mask=(cc < C) & pm[None, :])
+
+
+def _size_hw(size):
+    H, W = (int(v) for v in size)
+    return H, W
+
+
+def _check_size(student, teacher, reduction, size):
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"masked_kl_div: `reduction` must be one of ['mean', 'sum', 'none'], got {reduction!r}")
+    if len(size) != 2 or any(int(v) <= 0 for v in size):
+        raise ValueError(f"masked_kl_div: `size` must be 2 positive ints (H, W), got {list(size)}")
+    if student.dim() != 4 or teacher.dim() != 4 or teacher.shape[:2] != student.shape[:2]:
+        raise ValueError(f"masked_kl_div: `size` needs 4-D (B, C, H, W) `student_logits` {tuple(student.shape)} and "
+                         f"`teacher` {tuple(teacher.shape)} with the same B and C")
+    if student.shape[0] * student.shape[1] > 0 and (student.shape[2:].numel() == 0 or teacher.shape[2:].numel() == 0):
+        raise ValueError("masked_kl_div: `size` cannot resize an input with an empty spatial dim")
+
+
+def _is_identity(student, teacher, size) -> bool:
+    return tuple(student.shape[2:]) == tuple(teacher.shape[2:]) == tuple(size)
+
+
+def _resized_launch_args(student, teacher, size, ct):
+    H, W = _size_hw(size)
+    hs, ws = student.shape[2:]
+    ht, wt = teacher.shape[2:]
+    scales = resize_scales((hs, ws, ht, wt), (H, W, H, W), ct, student.device)
+    return H, W, hs, ws, ht, wt, scales
+
+
+def masked_kl_div_size_forward(student_logits, teacher, mask, teacher_is_logits, reduction, size):
+    """``size=(H, W)``: the masked KL of the student and teacher resized to (H, W), read through
+    the bilinear taps (nothing of size B x C x H x W is allocated)."""
+    _check_size(student_logits, teacher, reduction, size)
+    if _is_identity(student_logits, teacher, size):
+        return masked_kl_div_forward(student_logits, teacher, mask, teacher_is_logits, reduction)
+    ct = acc_dtype(student_logits, teacher)
+    B, C = student_logits.shape[:2]
+    H, W, hs, ws, ht, wt, scales = _resized_launch_args(student_logits, teacher, size, ct)
+    N = H * W
+    weights = _weights(mask, student_logits, ct)
+    dev = student_logits.device
+    if B * N == 0 or C == 0:
+        kl = torch.zeros((B, H, W), dtype=ct, device=dev)
+        return kl if reduction == "none" else _reduce(kl, weights, reduction, B * N, ct)
+    block_c, block_p, single = _blocks(C)
+    nprog = triton.cdiv(N, block_p)
+    reduce_none = reduction == "none"
+    out = torch.empty((B, N) if reduce_none else (B, nprog), dtype=ct, device=dev)
+    with device_guard(student_logits):
+        _resized_kl_fwd_kernel[(nprog, B)](
+            student_logits, teacher, weights if weights is not None else out, out, out, scales,
+            C, H, W, hs, ws, ht, wt, *strides4(student_logits), *strides4(teacher),
+            TEACHER_LOGITS=bool(teacher_is_logits), HAS_W=weights is not None, REDUCE_NONE=reduce_none, STATS=False,
+            FACTOR_PER_PIXEL=False, SINGLE=single, BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_dtype(ct),
+            num_warps=NUM_WARPS,
+        )
+    if reduce_none:
+        return out.reshape(B, H, W)
+    return _reduce(out, weights, reduction, B * N, ct)
+
+
+def masked_kl_div_size_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, size,
+                                output_mask):
+    """Gradients with ``size=(H, W)``, both native: pass 1 writes per-output-pixel statistics
+    (``7 x B x H x W``), pass 2 gathers each low-resolution input pixel's gradient over the
+    output pixels that read it (deterministic)."""
+    _check_size(student_logits, teacher, reduction, size)
+    if _is_identity(student_logits, teacher, size):
+        return masked_kl_div_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, None,
+                                      output_mask)
+    want_s, want_t = bool(output_mask[0]), bool(output_mask[1])
+    grad_s = torch.empty_like(student_logits) if want_s else student_logits.new_empty(0)
+    grad_t = torch.empty_like(teacher) if want_t else teacher.new_empty(0)
+    if not (want_s or want_t):
+        return grad_s, grad_t
+    ct = acc_dtype(student_logits, teacher)
+    B, C = student_logits.shape[:2]
+    H, W, hs, ws, ht, wt, scales = _resized_launch_args(student_logits, teacher, size, ct)
+    N = H * W
+    if B * N == 0 or C == 0:
+        return grad_s.zero_(), grad_t.zero_()
+    dev = student_logits.device
+    weights = _weights(mask, student_logits, ct)
+    g = grad_loss.to(ct)
+    per_pixel = None
+    if reduction == "none":
+        per_pixel = g.reshape(B, N).contiguous()
+        factor = torch.ones(1, dtype=ct, device=dev)
+    elif reduction == "sum":
+        factor = g.reshape(1).contiguous()
+    else:
+        count = weights.sum() if weights is not None else torch.full((), float(B * N), dtype=ct, device=dev)
+        factor = (g.reshape(()) / torch.where(count != 0, count, torch.ones_like(count))).reshape(1)
+    stats = torch.empty((B, N_STATS, N), dtype=ct, device=dev)
+    block_c, block_p, single = _blocks(C)
+    logits = bool(teacher_is_logits)
+    with device_guard(student_logits):
+        _resized_kl_fwd_kernel[(triton.cdiv(N, block_p), B)](
+            student_logits, teacher, weights if weights is not None else stats,
+            per_pixel if per_pixel is not None else stats, stats, scales,
+            C, H, W, hs, ws, ht, wt, *strides4(student_logits), *strides4(teacher),
+            TEACHER_LOGITS=logits, HAS_W=weights is not None, REDUCE_NONE=False, STATS=True,
+            FACTOR_PER_PIXEL=per_pixel is not None, SINGLE=single, BLOCK_C=block_c, BLOCK_P=block_p,
+            ACC=tl_dtype(ct), num_warps=NUM_WARPS,
+        )
+        for target, grad, (h, w) in ((False, grad_s, (hs, ws)), (True, grad_t, (ht, wt))):
+            if grad.numel() == 0:
+                continue
+            bp = max(16, min(256, TILE_ELEMS // block_c // 4))
+            _resized_kl_gather_kernel[(triton.cdiv(h * w, bp), B, triton.cdiv(C, block_c))](
+                student_logits, teacher, stats, factor, scales, grad,
+                C, H, W, hs, ws, ht, wt, reader_span(h, H), reader_span(w, W),
+                *strides4(student_logits), *strides4(teacher), *strides4(grad),
+                TEACHER_LOGITS=logits, TARGET_TEACHER=target, BLOCK_C=block_c, BLOCK_P=bp, ACC=tl_dtype(ct),
+                num_warps=NUM_WARPS,
+            )
     return grad_s, grad_t
 
 

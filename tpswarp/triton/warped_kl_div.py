@@ -14,6 +14,12 @@ scattered to the four taps of the teacher (float atomics; under
 through the TPS map into per-program partials summed by torch (deterministic). The mean's
 denominator (the number of valid pixels) is counted on the device: per-program counts summed
 by torch, no host synchronization.
+
+With ``size=(H, W)`` (``warped_kl_div_size_forward`` / ``_backward``): the student and the
+teacher are read through the bilinear resize taps (``_resize.py``), the warp samples the resized
+teacher (4 warp taps x 4 resize taps); the student gradient is native (per-output-pixel statistics
+and warp coordinates, then a deterministic gather per low-resolution pixel); the teacher, src and
+params gradients compose through the reference VJP (``_composed_grads``).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from .._backend import register_python_backend
 from ._utils import (INTERPRET, acc_dtype, cast_to, deterministic, device_guard, empty_like_format, hull_tolerances,
                      in_hull, merged_pixels, next_pow2, pixel_offsets, scatter_rows_deterministic, tl_dtype,
                      tps_backward_partials, tps_param_grads)
+from ._resize import reader_span, readers_begin, resize_scales, resize_tap, resize_weight, resized_tile
 from .masked_kl_div import _finish, _tile, _tile_grads, _tile_stats, _tile_sums
 from .tps_warp import _coords
 
@@ -302,7 +309,10 @@ def _mean_denominator(counts):
 
 
 def warped_kl_div_forward(student_logits, teacher, src, params, teacher_is_logits=False, align_corners=False,
-                          reduction="mean"):
+                          reduction="mean", size=None):
+    if size is not None:
+        return warped_kl_div_size_forward(student_logits, teacher, src, params, teacher_is_logits, align_corners,
+                                          reduction, size)
     _check(student_logits, teacher, src, params, reduction)
     ct, src_c, par_c = _setup(student_logits, teacher, src, params)
     B, C, H, W = student_logits.shape
@@ -333,7 +343,10 @@ def warped_kl_div_forward(student_logits, teacher, src, params, teacher_is_logit
 
 
 def warped_kl_div_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners,
-                           reduction, output_mask):
+                           reduction, size, output_mask):
+    if size is not None:
+        return warped_kl_div_size_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits,
+                                           align_corners, reduction, size, output_mask)
     _check(student_logits, teacher, src, params, reduction)
     want_s, want_t, want_src, want_params = (bool(x) for x in output_mask)
     ct, src_c, par_c = _setup(student_logits, teacher, src, params)
@@ -398,6 +411,332 @@ def warped_kl_div_backward(grad_loss, student_logits, teacher, src, params, teac
         else:
             grad_t.copy_(gt_buf)
     g_src, g_params = tps_param_grads(partials, src, params, want_src, want_params)
+    return grad_s, grad_t, g_src, g_params
+
+
+# ----------------------------------------------------------------------------------------
+# size=(H, W): the student and the teacher resized to (H, W) through the bilinear taps of
+# F.interpolate, then the teacher warped; the warped teacher's sample is a bilinear of bilinears
+# (4 warp taps x 4 resize taps per class), nothing of size B x C x H x W is allocated.
+# ----------------------------------------------------------------------------------------
+# The backward's first pass writes N_STATS values per output pixel, rows of a (B, N_STATS, H*W)
+# buffer: s_max, log_zs, t_max, log_zt, p_sum, scale (0 at invalid pixels), px, py.
+N_STATS = 8
+
+
+@triton.jit
+def _resized_warped_teacher(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx,
+                            wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC: tl.constexpr):
+    """Warped teacher (classes x pixels): the four warp taps (top-left ``xi, yi`` in the (H, W)
+    grid of the resized teacher), each the bilinear resize of the low-resolution teacher."""
+    a0, a1, la0, la1 = resize_tap(yi, ht, sc_ty)
+    b0, b1, lb0, lb1 = resize_tap(yi + 1, ht, sc_ty)
+    e0, e1, le0, le1 = resize_tap(xi, wt, sc_tx)
+    f0, f1, lf0, lf1 = resize_tap(xi + 1, wt, sc_tx)
+    v00, _ = resized_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, a0, a1, la0, la1, e0, e1, le0, le1, m00, ACC)
+    v10, _ = resized_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, a0, a1, la0, la1, f0, f1, lf0, lf1, m10, ACC)
+    v01, _ = resized_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, b0, b1, lb0, lb1, e0, e1, le0, le1, m01, ACC)
+    v11, _ = resized_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, b0, b1, lb0, lb1, f0, f1, lf0, lf1, m11, ACC)
+    w00 = tl.where(m00, wx0 * wy0, 0.0)[None, :]
+    w10 = tl.where(m10, wx1 * wy0, 0.0)[None, :]
+    w01 = tl.where(m01, wx0 * wy1, 0.0)[None, :]
+    w11 = tl.where(m11, wx1 * wy1, 0.0)[None, :]
+    return w00 * v00 + w10 * v10 + w01 * v01 + w11 * v11
+
+
+@triton.jit
+def _resized_warped_fwd_kernel(
+    s_ptr, t_ptr, src_ptr, par_ptr, f_ptr, out_ptr, cnt_ptr, hull_ptr, sc_ptr,
+    C, H, W, hs, ws, ht, wt, n,
+    ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w,
+    TEACHER_LOGITS: tl.constexpr, REDUCE_NONE: tl.constexpr, STATS: tl.constexpr, FACTOR_PER_PIXEL: tl.constexpr,
+    ALIGN: tl.constexpr, SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+):
+    """Over output pixels: the loss (per pixel or per-program partials) and the valid counts, or
+    with ``STATS`` the backward's first pass (per-pixel statistics, scale and warp coordinates)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    P = H * W
+    pm = offs < P
+    # the resized teacher has the output's grid: warp from (H, W) to (H, W)
+    qx, qy, px, py = _coords(offs, b, H, W, H, W, src_ptr, par_ptr, n, ALIGN, ACC)
+    valid = pm & in_hull(px, py, W, H, hull_ptr)
+    part = b * tl.num_programs(0) + pid
+    tl.store(cnt_ptr + part, tl.sum(valid.to(ACC), axis=0))
+    wx0, wx1, wy0, wy1, m00, m10, m01, m11, xi, yi = _taps(px, py, W, H, valid)
+    sc_ty = tl.load(sc_ptr + 2)
+    sc_tx = tl.load(sc_ptr + 3)
+    sr0, sr1, slr0, slr1 = resize_tap(offs // W, hs, tl.load(sc_ptr))
+    sq0, sq1, slq0, slq1 = resize_tap(offs % W, ws, tl.load(sc_ptr + 1))
+    s_base = s_ptr + b * ss_b
+    t_base = t_ptr + b * ts_b
+    offs_c = tl.arange(0, BLOCK_C)
+    if SINGLE:
+        s, m = resized_tile(s_base, 0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1, valid,
+                            ACC)
+        t = _resized_warped_teacher(t_base, 0, offs_c, C, ts_c, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx,
+                                    wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC)
+        s_max, log_zs, t_max, log_zt, kl, p_sum = _tile_stats(s, t, m, valid, TEACHER_LOGITS)
+    else:
+        s_max = tl.full((BLOCK_P,), float("-inf"), ACC)
+        t_max = tl.full((BLOCK_P,), float("-inf"), ACC)
+        for c0 in range(0, C, BLOCK_C):
+            s, m = resized_tile(s_base, c0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1,
+                                valid, ACC)
+            s_max = tl.maximum(s_max, tl.max(tl.where(m, s, float("-inf")), axis=0))
+            if TEACHER_LOGITS:
+                t = _resized_warped_teacher(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx,
+                                            wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC)
+                t_max = tl.maximum(t_max, tl.max(tl.where(m, t, float("-inf")), axis=0))
+        s_max = tl.where(valid, s_max, 0.0)
+        t_max = tl.where(valid, t_max, 0.0)
+        zs = tl.zeros((BLOCK_P,), ACC)
+        zt = tl.zeros((BLOCK_P,), ACC)
+        cross = tl.zeros((BLOCK_P,), ACC)
+        p_log_p = tl.zeros((BLOCK_P,), ACC)
+        p_sum = tl.zeros((BLOCK_P,), ACC)
+        for c0 in range(0, C, BLOCK_C):
+            s, m = resized_tile(s_base, c0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1,
+                                valid, ACC)
+            t = _resized_warped_teacher(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx,
+                                        wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC)
+            a, b_, c, d, e = _tile_sums(s, t, m, s_max, t_max, TEACHER_LOGITS)
+            zs += a
+            zt += b_
+            cross += c
+            p_log_p += d
+            p_sum += e
+        log_zs, log_zt, kl, p_sum = _finish(zs, zt, cross, p_log_p, p_sum, valid, TEACHER_LOGITS)
+    if STATS:
+        if FACTOR_PER_PIXEL:
+            scale = tl.load(f_ptr + b * P + offs, mask=pm, other=0.0).to(ACC)
+        else:
+            scale = tl.full((BLOCK_P,), 1.0, ACC)
+        scale = tl.where(valid, scale, 0.0)
+        st = out_ptr + b * (8 * P) + offs
+        tl.store(st, s_max, mask=pm)
+        tl.store(st + P, log_zs, mask=pm)
+        tl.store(st + 2 * P, t_max, mask=pm)
+        tl.store(st + 3 * P, log_zt, mask=pm)
+        tl.store(st + 4 * P, p_sum, mask=pm)
+        tl.store(st + 5 * P, scale, mask=pm)
+        tl.store(st + 6 * P, px, mask=pm)
+        tl.store(st + 7 * P, py, mask=pm)
+    else:
+        kl = tl.where(valid, kl, 0.0)
+        if REDUCE_NONE:
+            tl.store(out_ptr + b * P + offs, kl, mask=pm)
+        else:
+            tl.store(out_ptr + part, tl.sum(kl, axis=0))
+
+
+@triton.jit
+def _resized_warped_gather_kernel(
+    s_ptr, t_ptr, st_ptr, f_ptr, sc_ptr, g_ptr,
+    C, H, W, hs, ws, ht, wt, RY, RX,
+    ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w, g_b, g_c, g_h, g_w,
+    TEACHER_LOGITS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+):
+    """Backward's second pass: the student gradient for a (classes x low-resolution pixels) tile,
+    each pixel summing ``weight * dKL/d(resized student)`` over the output pixels that read it
+    (``RY x RX`` candidates, weight 0 for the others); the warped teacher is recomputed there
+    from the stored warp coordinates. A gather in a fixed order: no atomics, deterministic."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    c0 = tl.program_id(2) * BLOCK_C
+    P = H * W
+    sc_sy = tl.load(sc_ptr)
+    sc_sx = tl.load(sc_ptr + 1)
+    sc_ty = tl.load(sc_ptr + 2)
+    sc_tx = tl.load(sc_ptr + 3)
+    offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = offs < hs * ws
+    y = offs // ws
+    x = offs % ws
+    by = readers_begin(y, sc_sy)
+    bx = readers_begin(x, sc_sx)
+    offs_c = tl.arange(0, BLOCK_C)
+    s_base = s_ptr + b * ss_b
+    t_base = t_ptr + b * ts_b
+    st = st_ptr + b * (8 * P)
+    factor = tl.load(f_ptr).to(ACC)
+    acc = tl.zeros((BLOCK_C, BLOCK_P), ACC)
+    for ky in range(RY):
+        Y = by + ky
+        sr0, sr1, slr0, slr1 = resize_tap(Y, hs, sc_sy)
+        wy = resize_weight(sr0, sr1, slr0, slr1, y)
+        row_ok = pm & (Y < H) & (wy != 0)
+        for kx in range(RX):
+            X = bx + kx
+            sq0, sq1, slq0, slq1 = resize_tap(X, ws, sc_sx)
+            wx = resize_weight(sq0, sq1, slq0, slq1, x)
+            ok = row_ok & (X < W) & (wx != 0)
+            pix = Y * W + X
+            scale = tl.load(st + 5 * P + pix, mask=ok, other=0.0)
+            live = ok & (scale != 0)
+            s_max = tl.load(st + pix, mask=live, other=0.0)
+            log_zs = tl.load(st + P + pix, mask=live, other=0.0)
+            t_max = tl.load(st + 2 * P + pix, mask=live, other=0.0)
+            log_zt = tl.load(st + 3 * P + pix, mask=live, other=0.0)
+            p_sum = tl.load(st + 4 * P + pix, mask=live, other=0.0)
+            px = tl.load(st + 6 * P + pix, mask=live, other=0.0)
+            py = tl.load(st + 7 * P + pix, mask=live, other=0.0)
+            wx0, wx1, wy0, wy1, m00, m10, m01, m11, xi, yi = _taps(px, py, W, H, live)
+            s, m = resized_tile(s_base, c0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1,
+                                live, ACC)
+            t = _resized_warped_teacher(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx,
+                                        wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC)
+            gs, _ = _tile_grads(s, t, m, s_max, log_zs, t_max, log_zt, tl.zeros_like(s_max), p_sum, scale * factor,
+                                TEACHER_LOGITS)
+            acc += (wy * wx)[None, :] * gs
+    cc = (c0 + offs_c)[:, None]
+    g_off = y * g_h + x * g_w
+    tl.store(g_ptr + b * g_b + cc * g_c + g_off[None, :], cast_to(acc, g_ptr.dtype.element_ty),
+             mask=(cc < C) & pm[None, :])
+
+
+def _check_size(student, teacher, size):
+    if len(size) != 2 or any(int(v) <= 0 for v in size):
+        raise ValueError(f"warped_kl_div: `size` must be 2 positive ints (H, W), got {list(size)}")
+    if student.shape[0] * student.shape[1] > 0 and (student.shape[2:].numel() == 0 or teacher.shape[2:].numel() == 0):
+        raise ValueError("warped_kl_div: `size` cannot resize an input with an empty spatial dim")
+
+
+def _is_identity(student, teacher, size) -> bool:
+    return tuple(student.shape[2:]) == tuple(teacher.shape[2:]) == tuple(int(v) for v in size)
+
+
+def _size_setup(student, teacher, src, params, size):
+    ct, src_c, par_c = _setup(student, teacher, src, params)
+    H, W = (int(v) for v in size)
+    hs, ws = student.shape[2:]
+    ht, wt = teacher.shape[2:]
+    scales = resize_scales((hs, ws, ht, wt), (H, W, H, W), ct, student.device)
+    return ct, src_c, par_c, H, W, hs, ws, ht, wt, scales
+
+
+def warped_kl_div_size_forward(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction,
+                               size):
+    """``size=(H, W)``: ``warped_kl_div(resize(student), resize(teacher), ...)`` in one pass."""
+    _check(student_logits, teacher, src, params, reduction)
+    _check_size(student_logits, teacher, size)
+    if _is_identity(student_logits, teacher, size):
+        return warped_kl_div_forward(student_logits, teacher, src, params, teacher_is_logits, align_corners,
+                                     reduction)
+    ct, src_c, par_c, H, W, hs, ws, ht, wt, scales = _size_setup(student_logits, teacher, src, params, size)
+    B, C = student_logits.shape[:2]
+    dev = student_logits.device
+    out_dtype = acc_dtype(student_logits, teacher, params)
+    if B * H * W == 0 or C == 0:
+        kl = torch.zeros((B, H, W), dtype=out_dtype, device=dev)
+        return kl if reduction == "none" else kl.sum()
+    block_c, block_p, single = _blocks(C)
+    nprog = triton.cdiv(H * W, block_p)
+    reduce_none = reduction == "none"
+    out = torch.empty((B, H * W) if reduce_none else (B, nprog), dtype=ct, device=dev)
+    counts = torch.empty((B, nprog), dtype=ct, device=dev)
+    with device_guard(student_logits):
+        _resized_warped_fwd_kernel[(nprog, B)](
+            student_logits, teacher, src_c, par_c, out, out, counts, hull_tolerances(H, W, ct, dev), scales,
+            C, H, W, hs, ws, ht, wt, src.shape[1], *student_logits.stride(), *teacher.stride(),
+            TEACHER_LOGITS=bool(teacher_is_logits), REDUCE_NONE=reduce_none, STATS=False, FACTOR_PER_PIXEL=False,
+            ALIGN=bool(align_corners), SINGLE=single, BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_dtype(ct),
+            num_warps=NUM_WARPS,
+        )
+    if reduce_none:
+        loss = out.reshape(B, H, W)
+    else:
+        total = out.sum()
+        loss = total if reduction == "sum" else total / _mean_denominator(counts)
+    return loss.to(out_dtype)
+
+
+def _composed_grads(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction,
+                    size, output_mask):
+    """Gradients w.r.t. teacher / src / params with ``size``: NOT native. They compose through the
+    reference VJP of ``reference.warped_kl_div(resize(student), resize(teacher), src, params)``
+    (resize = F.interpolate bilinear in the compute dtype; the contract's definition of ``size``),
+    which allocates the resized tensors. The student gradient (the main path) is native."""
+    import torch.nn.functional as F
+
+    from ..ops._common import reference_vjp
+    from ..reference import warped_kl_div as reference_warped_kl_div
+    from ..reference._tps_math import compute_dtype
+
+    ct = compute_dtype(student_logits, teacher, params)
+    hw = tuple(int(v) for v in size)
+
+    def resize(x):
+        x = x.to(ct)
+        return x if tuple(x.shape[2:]) == hw else F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
+
+    def loss(s, t, c, p):
+        return reference_warped_kl_div(resize(s), resize(t), c, p, teacher_is_logits=bool(teacher_is_logits),
+                                       align_corners=bool(align_corners), reduction=reduction)
+
+    return reference_vjp(loss, (student_logits, teacher, src, params), grad_loss, [False, *output_mask[1:]])
+
+
+def warped_kl_div_size_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners,
+                                reduction, size, output_mask):
+    """Gradients with ``size=(H, W)``. Student: native, pass 1 writes per-output-pixel statistics
+    and warp coordinates (``8 x B x H x W``), pass 2 gathers each low-resolution student pixel's
+    gradient over the output pixels that read it (deterministic, no atomics). Teacher, src and
+    params: composed through the reference VJP (``_composed_grads``)."""
+    _check(student_logits, teacher, src, params, reduction)
+    _check_size(student_logits, teacher, size)
+    if _is_identity(student_logits, teacher, size):
+        return warped_kl_div_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits,
+                                      align_corners, reduction, None, output_mask)
+    want_s, want_t, want_src, want_params = (bool(x) for x in output_mask)
+    grad_t, g_src, g_params = teacher.new_empty(0), src.new_empty(0), params.new_empty(0)
+    if want_t or want_src or want_params:
+        composed = _composed_grads(grad_loss, student_logits, teacher, src, params, teacher_is_logits,
+                                   align_corners, reduction, size, output_mask)
+        if want_t:  # the layout the fake kernel promises
+            grad_t = empty_like_format(teacher, teacher.shape).copy_(composed[1])
+        if want_src:
+            g_src = composed[2].contiguous()
+        if want_params:
+            g_params = composed[3].contiguous()
+    if not want_s:
+        return student_logits.new_empty(0), grad_t, g_src, g_params
+    grad_s = torch.empty_like(student_logits)
+    ct, src_c, par_c, H, W, hs, ws, ht, wt, scales = _size_setup(student_logits, teacher, src, params, size)
+    B, C = student_logits.shape[:2]
+    dev = student_logits.device
+    if B * H * W == 0 or C == 0:
+        return grad_s.zero_(), grad_t, g_src, g_params
+    block_c, block_p, single = _blocks(C)
+    nprog = triton.cdiv(H * W, block_p)
+    g = grad_loss.to(ct)
+    per_pixel = g.reshape(B, H * W).contiguous() if reduction == "none" else None
+    stats = torch.empty((B, N_STATS, H * W), dtype=ct, device=dev)
+    counts = torch.empty((B, nprog), dtype=ct, device=dev)
+    with device_guard(student_logits):
+        _resized_warped_fwd_kernel[(nprog, B)](
+            student_logits, teacher, src_c, par_c, per_pixel if per_pixel is not None else stats, stats, counts,
+            hull_tolerances(H, W, ct, dev), scales,
+            C, H, W, hs, ws, ht, wt, src.shape[1], *student_logits.stride(), *teacher.stride(),
+            TEACHER_LOGITS=bool(teacher_is_logits), REDUCE_NONE=False, STATS=True,
+            FACTOR_PER_PIXEL=per_pixel is not None, ALIGN=bool(align_corners), SINGLE=single, BLOCK_C=block_c,
+            BLOCK_P=block_p, ACC=tl_dtype(ct), num_warps=NUM_WARPS,
+        )
+        if reduction == "none":
+            factor = torch.ones(1, dtype=ct, device=dev)
+        elif reduction == "sum":
+            factor = g.reshape(1).contiguous()
+        else:
+            factor = (g.reshape(()) / _mean_denominator(counts)).reshape(1)
+        bp = max(16, min(256, TILE_ELEMS // block_c // 4))
+        _resized_warped_gather_kernel[(triton.cdiv(hs * ws, bp), B, triton.cdiv(C, block_c))](
+            student_logits, teacher, stats, factor, scales, grad_s,
+            C, H, W, hs, ws, ht, wt, reader_span(hs, H), reader_span(ws, W),
+            *student_logits.stride(), *teacher.stride(), *grad_s.stride(),
+            TEACHER_LOGITS=bool(teacher_is_logits), BLOCK_C=block_c, BLOCK_P=bp, ACC=tl_dtype(ct),
+            num_warps=NUM_WARPS,
+        )
     return grad_s, grad_t, g_src, g_params
 
 

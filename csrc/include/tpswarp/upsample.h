@@ -11,7 +11,7 @@ namespace tpswarp {
 // The two input indices and weights that output index `d` of an axis of `out_size` reads from
 // an input axis of `in_size`; i0 == i1 at the last input index. Same arithmetic as PyTorch's
 // upsample_bilinear2d without scale factors: scale = in / out in acc, source index
-// max(0, scale * (d + 0.5) - 0.5), lambda clamped to [0, 1].
+// max(0, scale * (d + 0.5) - 0.5) (one rounding, see resize_fma), lambda clamped to [0, 1].
 template <typename acc> struct LinearTap {
   int64_t i0, i1;
   acc l0, l1;
@@ -22,9 +22,16 @@ TPSWARP_HOST_DEVICE inline acc linear_resize_scale(int64_t in_size, int64_t out_
   return static_cast<acc>(in_size) / static_cast<acc>(out_size);
 }
 
+// scale * x - 0.5 with one rounding: PyTorch's kernels compute the source index as
+// `scale * (d + 0.5) - 0.5`, which the compiler contracts to a fused multiply-add (the AVX2/AVX512
+// CPU kernels and nvcc do); without the fma a weight can differ by an ulp (e.g. 4 -> 12, d = 1:
+// 1.5e-8 instead of 0), which matters where a resized probability is 0 (its log).
+TPSWARP_HOST_DEVICE inline float resize_fma(float a, float b, float c) { return fmaf(a, b, c); }
+TPSWARP_HOST_DEVICE inline double resize_fma(double a, double b, double c) { return fma(a, b, c); }
+
 template <typename acc>
 TPSWARP_HOST_DEVICE inline LinearTap<acc> linear_resize_tap(int64_t d, int64_t in_size, acc scale) {
-  acc src = scale * (static_cast<acc>(d) + acc(0.5)) - acc(0.5);
+  acc src = resize_fma(scale, static_cast<acc>(d) + acc(0.5), acc(-0.5));
   if (src < acc(0)) src = acc(0);
   int64_t i0 = static_cast<int64_t>(src);
   if (i0 > in_size - 1) i0 = in_size - 1;
