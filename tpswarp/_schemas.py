@@ -33,20 +33,20 @@ SCHEMAS = {
     ),
     "masked_kl_div": (
         "masked_kl_div(Tensor student_logits, Tensor teacher, Tensor? mask=None, "
-        "bool teacher_is_logits=False, str reduction=\"mean\") -> Tensor"
+        "bool teacher_is_logits=False, str reduction=\"mean\", int[]? size=None) -> Tensor"
     ),
     "_masked_kl_div_backward": (
         "_masked_kl_div_backward(Tensor grad_loss, Tensor student_logits, Tensor teacher, "
-        "Tensor? mask, bool teacher_is_logits, str reduction, bool[2] output_mask) -> (Tensor, Tensor)"
+        "Tensor? mask, bool teacher_is_logits, str reduction, int[]? size, bool[2] output_mask) -> (Tensor, Tensor)"
     ),
     "warped_kl_div": (
         "warped_kl_div(Tensor student_logits, Tensor teacher, Tensor src, Tensor params, "
-        "bool teacher_is_logits=False, bool align_corners=False, str reduction=\"mean\") -> Tensor"
+        "bool teacher_is_logits=False, bool align_corners=False, str reduction=\"mean\", int[]? size=None) -> Tensor"
     ),
     "_warped_kl_div_backward": (
         "_warped_kl_div_backward(Tensor grad_loss, Tensor student_logits, Tensor teacher, "
         "Tensor src, Tensor params, bool teacher_is_logits, bool align_corners, str reduction, "
-        "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
+        "int[]? size, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
 }
 

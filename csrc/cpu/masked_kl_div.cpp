@@ -37,7 +37,8 @@ bool use_blocked_path(at::ScalarType dtype, const std::vector<const at::Tensor*>
 
 at::Tensor masked_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor& teacher,
                              const std::optional<at::Tensor>& mask, bool teacher_is_logits,
-                             c10::string_view reduction_name) {
+                             c10::string_view reduction_name, at::OptionalIntArrayRef size) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!size.has_value(), kOp, ": `size` is not implemented by the CPU kernels of this branch");
   check_inputs(student_logits, teacher);
   const auto reduction = parse_reduction(reduction_name, kOp);
   const auto dtype = kl_compute_dtype(student_logits, teacher);
@@ -108,7 +109,9 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cpu(const at::Tensor& 
                                                               const at::Tensor& teacher,
                                                               const std::optional<at::Tensor>& mask,
                                                               bool teacher_is_logits, c10::string_view reduction_name,
+                                                              at::OptionalIntArrayRef size,
                                                               std::array<bool, 2> output_mask) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!size.has_value(), kOp, ": `size` is not implemented by the CPU kernels of this branch");
   check_inputs(student_logits, teacher);
   const auto reduction = parse_reduction(reduction_name, kOp);
   const auto dtype = kl_compute_dtype(student_logits, teacher);

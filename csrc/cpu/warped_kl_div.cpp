@@ -179,7 +179,8 @@ void forward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t,
 
 at::Tensor warped_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
                              const at::Tensor& params, bool teacher_is_logits, bool align_corners,
-                             c10::string_view reduction) {
+                             c10::string_view reduction, at::OptionalIntArrayRef size) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!size.has_value(), kOp, ": `size` is not implemented by the CPU kernels of this branch");
   const auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
   auto kl = at::zeros({pb.B, pb.H * pb.W}, student_logits.options().dtype(pb.acc_dtype));
   auto weights = at::zeros({pb.B, pb.H * pb.W}, kl.options());
@@ -283,7 +284,8 @@ void backward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
     const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
-    std::array<bool, 4> output_mask) {
+    at::OptionalIntArrayRef size, std::array<bool, 4> output_mask) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!size.has_value(), kOp, ": `size` is not implemented by the CPU kernels of this branch");
   const auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
   const bool need_coords = output_mask[2] || output_mask[3];
   auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };

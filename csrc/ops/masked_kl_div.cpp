@@ -2,6 +2,6 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(tpswarp, m) {
-  m.def("masked_kl_div(Tensor student_logits, Tensor teacher, Tensor? mask=None, bool teacher_is_logits=False, str reduction=\"mean\") -> Tensor");
-  m.def("_masked_kl_div_backward(Tensor grad_loss, Tensor student_logits, Tensor teacher, Tensor? mask, bool teacher_is_logits, str reduction, bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def("masked_kl_div(Tensor student_logits, Tensor teacher, Tensor? mask=None, bool teacher_is_logits=False, str reduction=\"mean\", int[]? size=None) -> Tensor");
+  m.def("_masked_kl_div_backward(Tensor grad_loss, Tensor student_logits, Tensor teacher, Tensor? mask, bool teacher_is_logits, str reduction, int[]? size, bool[2] output_mask) -> (Tensor, Tensor)");
 }

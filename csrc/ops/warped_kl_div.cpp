@@ -2,6 +2,6 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(tpswarp, m) {
-  m.def("warped_kl_div(Tensor student_logits, Tensor teacher, Tensor src, Tensor params, bool teacher_is_logits=False, bool align_corners=False, str reduction=\"mean\") -> Tensor");
-  m.def("_warped_kl_div_backward(Tensor grad_loss, Tensor student_logits, Tensor teacher, Tensor src, Tensor params, bool teacher_is_logits, bool align_corners, str reduction, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("warped_kl_div(Tensor student_logits, Tensor teacher, Tensor src, Tensor params, bool teacher_is_logits=False, bool align_corners=False, str reduction=\"mean\", int[]? size=None) -> Tensor");
+  m.def("_warped_kl_div_backward(Tensor grad_loss, Tensor student_logits, Tensor teacher, Tensor src, Tensor params, bool teacher_is_logits, bool align_corners, str reduction, int[]? size, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }

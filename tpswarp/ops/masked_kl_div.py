@@ -46,8 +46,11 @@ def loss_shape(student_logits: torch.Tensor, reduction: str) -> tuple:
 
 
 @torch.library.register_fake("tpswarp::masked_kl_div")
-def _fake(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean"):
-    return student_logits.new_empty(loss_shape(student_logits, reduction), dtype=compute_dtype(student_logits, teacher))
+def _fake(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean", size=None):
+    shape = loss_shape(student_logits, reduction)
+    if size is not None and reduction == "none":
+        shape = (student_logits.shape[0], *size)
+    return student_logits.new_empty(shape, dtype=compute_dtype(student_logits, teacher))
 
 
 def fake_input_grads(inputs, output_mask):
@@ -56,30 +59,34 @@ def fake_input_grads(inputs, output_mask):
 
 
 @torch.library.register_fake("tpswarp::_masked_kl_div_backward")
-def _fake_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, output_mask):
+def _fake_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, size, output_mask):
     return fake_input_grads((student_logits, teacher), output_mask)
 
 
 def _setup_context(ctx, inputs, output):
-    student_logits, teacher, mask, teacher_is_logits, reduction = inputs
+    student_logits, teacher, mask, teacher_is_logits, reduction, size = inputs
     ctx.save_for_backward(student_logits, teacher, mask)
-    ctx.options = (teacher_is_logits, reduction)
+    ctx.options = (teacher_is_logits, reduction, size)
 
 
 def _backward(ctx, grad_loss):
     needs = [bool(n) for n in ctx.needs_input_grad[:2]]
     grads = torch.ops.tpswarp._masked_kl_div_backward(grad_loss, *ctx.saved_tensors, *ctx.options, needs)
-    return (*(gradient_or_none(g, n) for g, n in zip(grads, needs)), None, None, None)
+    return (*(gradient_or_none(g, n) for g, n in zip(grads, needs)), None, None, None, None)
 
 
 torch.library.register_autograd("tpswarp::masked_kl_div", _backward, setup_context=_setup_context)
 
 
-def _reference_forward(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean"):
+def _reference_forward(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean", size=None):
+    if size is not None:
+        raise NotImplementedError("masked_kl_div: `size` is not supported by this backend in this branch")
     return reference_masked_kl_div(student_logits, teacher, mask, teacher_is_logits=teacher_is_logits, reduction=reduction)
 
 
-def _reference_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, output_mask):
+def _reference_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, size, output_mask):
+    if size is not None:
+        raise NotImplementedError("masked_kl_div: `size` is not supported by this backend in this branch")
     def loss(s, t):
         return _reference_forward(s, t, mask, teacher_is_logits, reduction)
 

@@ -44,39 +44,48 @@ def warped_kl_div(
 
 
 @torch.library.register_fake("tpswarp::warped_kl_div")
-def _fake(student_logits, teacher, src, params, teacher_is_logits=False, align_corners=False, reduction="mean"):
+def _fake(student_logits, teacher, src, params, teacher_is_logits=False, align_corners=False, reduction="mean",
+          size=None):
     dtype = compute_dtype(student_logits, teacher, params)
-    return student_logits.new_empty(loss_shape(student_logits, reduction), dtype=dtype)
+    shape = loss_shape(student_logits, reduction)
+    if size is not None and reduction == "none":
+        shape = (student_logits.shape[0], *size)
+    return student_logits.new_empty(shape, dtype=dtype)
 
 
 @torch.library.register_fake("tpswarp::_warped_kl_div_backward")
-def _fake_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction, output_mask):
+def _fake_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction, size,
+                   output_mask):
     return fake_input_grads((student_logits, teacher, src, params), output_mask)
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, teacher_is_logits, align_corners, reduction = inputs
+    *tensors, teacher_is_logits, align_corners, reduction, size = inputs
     ctx.save_for_backward(*tensors)
-    ctx.options = (teacher_is_logits, align_corners, reduction)
+    ctx.options = (teacher_is_logits, align_corners, reduction, size)
 
 
 def _backward(ctx, grad_loss):
     needs = [bool(n) for n in ctx.needs_input_grad[:4]]
     grads = torch.ops.tpswarp._warped_kl_div_backward(grad_loss, *ctx.saved_tensors, *ctx.options, needs)
-    return (*(gradient_or_none(g, n) for g, n in zip(grads, needs)), None, None, None)
+    return (*(gradient_or_none(g, n) for g, n in zip(grads, needs)), None, None, None, None)
 
 
 torch.library.register_autograd("tpswarp::warped_kl_div", _backward, setup_context=_setup_context)
 
 
 def _reference_forward(student_logits, teacher, src, params, teacher_is_logits=False, align_corners=False,
-                       reduction="mean"):
+                       reduction="mean", size=None):
+    if size is not None:
+        raise NotImplementedError("warped_kl_div: `size` is not supported by this backend in this branch")
     return reference_warped_kl_div(student_logits, teacher, src, params, teacher_is_logits=teacher_is_logits,
                                    align_corners=align_corners, reduction=reduction)
 
 
 def _reference_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners,
-                        reduction, output_mask):
+                        reduction, size, output_mask):
+    if size is not None:
+        raise NotImplementedError("warped_kl_div: `size` is not supported by this backend in this branch")
     def loss(s, t, c, p):
         return _reference_forward(s, t, c, p, teacher_is_logits, align_corners, reduction)
 

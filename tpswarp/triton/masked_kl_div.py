@@ -270,7 +270,9 @@ def _reduce(kl_or_partials, weights, reduction, numel, ct):
     return total / torch.where(count != 0, count, torch.ones_like(count))
 
 
-def masked_kl_div_forward(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean"):
+def masked_kl_div_forward(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean", size=None):
+    if size is not None:
+        raise NotImplementedError("masked_kl_div: `size` is not supported by this backend in this branch")
     _check(student_logits, teacher, reduction)
     ct = acc_dtype(student_logits, teacher)
     B, C = student_logits.shape[:2]
@@ -306,7 +308,9 @@ def _grad_buffer(x: torch.Tensor, needed: bool) -> torch.Tensor:
     return torch.empty_like(x) if x.dim() <= 4 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def masked_kl_div_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, output_mask):
+def masked_kl_div_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, size, output_mask):
+    if size is not None:
+        raise NotImplementedError("masked_kl_div: `size` is not supported by this backend in this branch")
     _check(student_logits, teacher, reduction)
     want_s, want_t = bool(output_mask[0]), bool(output_mask[1])
     grad_s = _grad_buffer(student_logits, want_s)

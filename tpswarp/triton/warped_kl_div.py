@@ -302,7 +302,9 @@ def _mean_denominator(counts):
 
 
 def warped_kl_div_forward(student_logits, teacher, src, params, teacher_is_logits=False, align_corners=False,
-                          reduction="mean"):
+                          reduction="mean", size=None):
+    if size is not None:
+        raise NotImplementedError("warped_kl_div: `size` is not supported by this backend in this branch")
     _check(student_logits, teacher, src, params, reduction)
     ct, src_c, par_c = _setup(student_logits, teacher, src, params)
     B, C, H, W = student_logits.shape
@@ -333,7 +335,9 @@ def warped_kl_div_forward(student_logits, teacher, src, params, teacher_is_logit
 
 
 def warped_kl_div_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners,
-                           reduction, output_mask):
+                           reduction, size, output_mask):
+    if size is not None:
+        raise NotImplementedError("warped_kl_div: `size` is not supported by this backend in this branch")
     _check(student_logits, teacher, src, params, reduction)
     want_s, want_t, want_src, want_params = (bool(x) for x in output_mask)
     ct, src_c, par_c = _setup(student_logits, teacher, src, params)
