@@ -1,5 +1,20 @@
 // CUDA kernels of tpswarp::masked_kl_div and its backward: one thread per pixel, the shared
 // per-pixel math of tpswarp/kl.h, the mean's denominator kept on the device (no host sync).
+//
+// size=None: for C <= 32 classes the kernels are instantiated for a compile-time bound MAX_C of
+// 8, 16 or 32 and hold the student and teacher class vectors of a pixel in registers, loaded once
+// with all loads in flight together (tpswarp/kl_regs.cuh, same arithmetic as kl.h); above 32
+// classes the generic loaders of kl.h (MAX_C = 0).
+//
+// size=(H, W) (the contract in the `size=` docs of the op): student (B, C, hs, ws) and teacher
+// (B, C, ht, wt) are read at each output pixel through the resize taps of tpswarp/upsample.h
+// (tpswarp/kl_resize.cuh: F.interpolate bilinear, align_corners=False, in the compute dtype);
+// the mask is at the output size. Forward: one thread per output pixel, nothing of size
+// B x C x H x W allocated. Backward: pass 1, one thread per output pixel, stores the per-pixel
+// KL statistics (O(B H W)); pass 2, one thread per low-resolution element of the student and/or
+// the teacher, gathers the gradient over the output pixels that read it (linear_resize_readers
+// in rows and columns), in a fixed order: deterministic, no atomics. Both the student and the
+// teacher gradient are native.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +27,7 @@
 
 #include "tpswarp/kl.h"
 #include "tpswarp/kl_args.h"
+#include "tpswarp/kl_regs.cuh"
 #include "tpswarp/kl_resize.cuh"
 
 namespace tpswarp {
@@ -26,7 +42,8 @@ struct Strides3 {
 
 Strides3 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-template <typename scalar_t, typename acc>
+// MAX_C > 0: at most MAX_C classes, held in registers (kl_regs.cuh); MAX_C == 0: any C (kl.h loaders).
+template <typename scalar_t, typename acc, int MAX_C>
 __global__ void kl_forward_kernel(const scalar_t* __restrict__ s, Strides3 ss, const scalar_t* __restrict__ t, Strides3 ts,
                                   const acc* __restrict__ w, acc* __restrict__ out, int64_t total, int64_t N, int64_t C,
                                   bool teacher_is_logits) {
@@ -37,12 +54,21 @@ __global__ void kl_forward_kernel(const scalar_t* __restrict__ s, Strides3 ss, c
       out[i] = 0;
       continue;
     }
-    const auto st = kl_pixel<scalar_t>(s + b * ss.b + n * ss.n, ss.c, t + b * ts.b + n * ts.n, ts.c, C, teacher_is_logits);
-    out[i] = wi * st.kl;
+    const scalar_t* si = s + b * ss.b + n * ss.n;
+    const scalar_t* ti = t + b * ts.b + n * ts.n;
+    if constexpr (MAX_C == 0) {
+      const auto st = kl_pixel<scalar_t>(si, ss.c, ti, ts.c, C, teacher_is_logits);
+      out[i] = wi * st.kl;
+    } else {
+      acc sv[MAX_C], tv[MAX_C];
+      kl_load_regs<MAX_C, acc>([&](int c) { return static_cast<acc>(si[c * ss.c]); },
+                               [&](int c) { return static_cast<acc>(ti[c * ts.c]); }, int(C), sv, tv);
+      out[i] = wi * kl_pixel_regs<MAX_C, acc>(sv, tv, int(C), teacher_is_logits).kl;
+    }
   }
 }
 
-template <typename scalar_t, typename acc>
+template <typename scalar_t, typename acc, int MAX_C>
 __global__ void kl_backward_kernel(const scalar_t* __restrict__ s, Strides3 ss, const scalar_t* __restrict__ t, Strides3 ts,
                                    const acc* __restrict__ w, const acc* __restrict__ factor, int64_t f_step,
                                    scalar_t* gs, Strides3 gss, scalar_t* gt, Strides3 gts, int64_t total, int64_t N,
@@ -61,8 +87,19 @@ __global__ void kl_backward_kernel(const scalar_t* __restrict__ s, Strides3 ss, 
     }
     const scalar_t* si = s + b * ss.b + n * ss.n;
     const scalar_t* ti = t + b * ts.b + n * ts.n;
-    const auto st = kl_pixel<scalar_t>(si, ss.c, ti, ts.c, C, teacher_is_logits);
-    kl_pixel_grad<scalar_t>(si, ss.c, ti, ts.c, C, teacher_is_logits, st, scale, gsi, gss.c, gti, gts.c);
+    if constexpr (MAX_C == 0) {
+      const auto st = kl_pixel<scalar_t>(si, ss.c, ti, ts.c, C, teacher_is_logits);
+      kl_pixel_grad<scalar_t>(si, ss.c, ti, ts.c, C, teacher_is_logits, st, scale, gsi, gss.c, gti, gts.c);
+    } else {
+      acc sv[MAX_C], tv[MAX_C];
+      kl_load_regs<MAX_C, acc>([&](int c) { return static_cast<acc>(si[c * ss.c]); },
+                               [&](int c) { return static_cast<acc>(ti[c * ts.c]); }, int(C), sv, tv);
+      const auto st = kl_pixel_regs<MAX_C, acc>(sv, tv, int(C), teacher_is_logits);
+      kl_pixel_grad_regs<MAX_C, acc>(
+          sv, tv, int(C), teacher_is_logits, st, scale, gsi != nullptr,
+          [&](int c, acc g) { gsi[c * gss.c] = static_cast<scalar_t>(g); }, gti != nullptr,
+          [&](int c, acc g) { gti[c * gts.c] = static_cast<scalar_t>(g); });
+    }
   }
 }
 
@@ -305,11 +342,13 @@ at::Tensor masked_kl_div_cuda(const at::Tensor& student_logits, const at::Tensor
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_cuda", [&] {
       using acc = acc_t<scalar_t>;
-      kl_forward_kernel<scalar_t, acc><<<blocks_for(total), kThreads, 0, stream>>>(
-          s.const_data_ptr<scalar_t>(), strides_of(s), t.const_data_ptr<scalar_t>(), strides_of(t),
-          weights.defined() ? weights.const_data_ptr<acc>() : nullptr, kl.mutable_data_ptr<acc>(), total, N, C,
-          teacher_is_logits);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_max_classes(C, [&](auto max_c) {
+        kl_forward_kernel<scalar_t, acc, decltype(max_c)::value><<<blocks_for(total), kThreads, 0, stream>>>(
+            s.const_data_ptr<scalar_t>(), strides_of(s), t.const_data_ptr<scalar_t>(), strides_of(t),
+            weights.defined() ? weights.const_data_ptr<acc>() : nullptr, kl.mutable_data_ptr<acc>(), total, N, C,
+            teacher_is_logits);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   } else {
     kl.zero_();
@@ -353,13 +392,15 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cuda(const at::Tensor&
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_backward_cuda", [&] {
       using acc = acc_t<scalar_t>;
       const Strides3 none{0, 0, 0};
-      kl_backward_kernel<scalar_t, acc><<<blocks_for(total), kThreads, 0, stream>>>(
-          s.const_data_ptr<scalar_t>(), strides_of(s), t.const_data_ptr<scalar_t>(), strides_of(t),
-          weights.defined() ? weights.const_data_ptr<acc>() : nullptr, factor.const_data_ptr<acc>(),
-          factor.dim() == 0 ? 0 : 1, output_mask[0] ? gs3.mutable_data_ptr<scalar_t>() : nullptr,
-          output_mask[0] ? strides_of(gs3) : none, output_mask[1] ? gt3.mutable_data_ptr<scalar_t>() : nullptr,
-          output_mask[1] ? strides_of(gt3) : none, total, N, C, teacher_is_logits);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_max_classes(C, [&](auto max_c) {
+        kl_backward_kernel<scalar_t, acc, decltype(max_c)::value><<<blocks_for(total), kThreads, 0, stream>>>(
+            s.const_data_ptr<scalar_t>(), strides_of(s), t.const_data_ptr<scalar_t>(), strides_of(t),
+            weights.defined() ? weights.const_data_ptr<acc>() : nullptr, factor.const_data_ptr<acc>(),
+            factor.dim() == 0 ? 0 : 1, output_mask[0] ? gs3.mutable_data_ptr<scalar_t>() : nullptr,
+            output_mask[0] ? strides_of(gs3) : none, output_mask[1] ? gt3.mutable_data_ptr<scalar_t>() : nullptr,
+            output_mask[1] ? strides_of(gt3) : none, total, N, C, teacher_is_logits);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   } else {
     if (output_mask[0]) gs.zero_();

@@ -4,6 +4,25 @@
 // Gradients of the TPS parameters: per-block partials (fixed decomposition) summed with
 // at::sum, deterministic. The teacher gradient is a scatter with atomics: with
 // deterministic algorithms requested it raises instead.
+//
+// size=None performance: the backward gets the validity weights (the mean's denominator) from a
+// validity-only kernel (TPS map + hull test, no class loop) instead of rerunning the forward; the
+// src/params accumulators and their block reduction exist only in the instantiation that needs
+// them (kCoords); for C <= 32 classes (float accumulation, no src/params gradient) the student and
+// warped teacher class vectors of a pixel are loaded once into registers (tpswarp/kl_regs.cuh,
+// MAX_C = 8/16/32, same arithmetic as kl.h); otherwise the kl.h loaders.
+//
+// size=(H, W): the student (B, C, hs, ws) is read at each output pixel through the resize taps of
+// tpswarp/upsample.h (tpswarp/kl_resize.cuh); the teacher (B, C, ht, wt) is resized to (H, W) and
+// warped: the warp's bilinear tap into the virtual resized teacher, each of its four pixels read
+// through the resize taps (16 loads per class); validity and the loss live on the (H, W) grid.
+// Forward: nothing of size B x C x H x W allocated. Student gradient: pass 1 per output pixel
+// (validity, KL statistics, sample location: O(B H W)); pass 2 one thread per low-resolution
+// student element gathering over the output pixels that read it (linear_resize_readers in rows
+// and columns; fixed order, deterministic, no atomics). Teacher/src/params gradients with size:
+// by composition inside this file (upsample_bilinear2d of both inputs to B x C x H x W, the
+// size=None backward, upsample_bilinear2d_backward for the teacher): exact, but it allocates the
+// full-resolution inputs and the teacher part is not deterministic (atomics, as size=None).
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -22,6 +41,7 @@
 
 #include "tpswarp/kl.h"
 #include "tpswarp/kl_args.h"
+#include "tpswarp/kl_regs.cuh"
 #include "tpswarp/kl_resize.cuh"
 #include "tpswarp/sampling.h"
 #include "tpswarp/tps.h"
@@ -66,7 +86,12 @@ __device__ inline PixelWarp<acc> warp_pixel(const Geometry& g, const acc* src_b,
   return w;
 }
 
+// Register path (kl_regs.cuh) for at most MAX_C classes, float accumulation of float/half/bfloat16
+// inputs only (double arrays spill); MAX_C == 0: any C through the loaders of kl.h.
 template <typename scalar_t, typename acc>
+constexpr bool kRegs = std::is_same<acc, float>::value && !std::is_same<scalar_t, double>::value;
+
+template <typename scalar_t, typename acc, int MAX_C>
 __global__ void warped_kl_forward_kernel(Geometry g, const scalar_t* __restrict__ s, Strides4 ss,
                                          const scalar_t* __restrict__ t, Strides4 ts, const acc* __restrict__ src,
                                          const acc* __restrict__ params, acc* __restrict__ kl, acc* __restrict__ weights) {
@@ -82,15 +107,35 @@ __global__ void warped_kl_forward_kernel(Geometry g, const scalar_t* __restrict_
     }
     const scalar_t* sp = s + b * ss.b + i * ss.h + j * ss.w;
     const scalar_t* tb = t + b * ts.b;
-    const auto st = kl_pixel_loaded<acc>(
-        [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); },
-        [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0)); }, g.C,
-        g.logits);
-    kl[b * N + k] = st.kl;
+    auto load_s = [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); };
+    auto load_t = [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0)); };
+    if constexpr (MAX_C == 0) {
+      kl[b * N + k] = kl_pixel_loaded<acc>(load_s, load_t, g.C, g.logits).kl;
+    } else {
+      acc sv[MAX_C], tv[MAX_C];
+      kl_load_regs<MAX_C, acc>(load_s, load_t, int(g.C), sv, tv);
+      kl[b * N + k] = kl_pixel_regs<MAX_C, acc>(sv, tv, int(g.C), g.logits).kl;
+    }
   }
 }
 
-template <typename scalar_t, typename acc>
+// Validity weights only (the backward's mean denominator): warp_pixel's TPS map and hull test,
+// without the class loop (the taps it also computes are unused and optimized away).
+template <typename acc>
+__global__ void warped_validity_kernel(Geometry g, const acc* __restrict__ src, const acc* __restrict__ params,
+                                       acc* __restrict__ weights) {
+  const int64_t N = g.H * g.W;
+  const int64_t b = blockIdx.y;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = k / g.W, j = k % g.W;
+    const auto w = warp_pixel<acc>(g, src + b * g.n * 2, params + b * (g.n + 3) * 2, i, j);
+    weights[b * N + k] = w.valid ? acc(1) : acc(0);
+  }
+}
+
+// kCoords: the src/params gradient is requested (per-thread accumulators, block partials); it
+// always uses the generic path (MAX_C == 0): its accumulators already take the registers.
+template <typename scalar_t, typename acc, int MAX_C, bool kCoords>
 __global__ void warped_kl_backward_kernel(Geometry g, const scalar_t* __restrict__ s, Strides4 ss,
                                           const scalar_t* __restrict__ t, Strides4 ts, const acc* __restrict__ src,
                                           const acc* __restrict__ params, const acc* __restrict__ weights,
@@ -103,8 +148,9 @@ __global__ void warped_kl_backward_kernel(Geometry g, const scalar_t* __restrict
   const acc* params_b = params + b * (n + 3) * 2;
   const acc sx = normalized_to_pixel_scale<acc>(g.Wt, g.align_corners);
   const acc sy = normalized_to_pixel_scale<acc>(g.Ht, g.align_corners);
-  acc local[2 * kMaxPoints + 2 * (kMaxPoints + 3)];
-  for (int64_t r = 0; r < row_len; ++r) local[r] = 0;
+  acc local[kCoords ? 2 * kMaxPoints + 2 * (kMaxPoints + 3) : 1];
+  if constexpr (kCoords)
+    for (int64_t r = 0; r < row_len; ++r) local[r] = 0;
 
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = k / g.W, j = k % g.W;
@@ -120,28 +166,35 @@ __global__ void warped_kl_backward_kernel(Geometry g, const scalar_t* __restrict
     const scalar_t* tb = t + b * ts.b;
     auto load_s = [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); };
     auto load_t = [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0)); };
-    const auto st = kl_pixel_loaded<acc>(load_s, load_t, g.C, g.logits);
     acc dpx = 0, dpy = 0;
     acc* gt_b = gt ? gt + b * g.C * g.Ht * g.Wt : nullptr;
-    kl_pixel_grad_loaded<acc>(
-        load_s, load_t, g.C, g.logits, st, scale, gsp != nullptr,
-        [&](int64_t c, acc v) { gsp[c * gss.c] = static_cast<scalar_t>(v); }, gt_b != nullptr || partials != nullptr,
-        [&](int64_t c, acc v) {
-          if (gt_b) {
-            acc* plane = gt_b + c * g.Ht * g.Wt;
-            bilinear_scatter(w.tap, g.Wt, 1, v, [&](int64_t off, acc x) { atomicAdd(plane + off, x); });
-          }
-          if (partials) {
-            const auto d = bilinear_sample_coord_grad<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0), v);
-            dpx += d.x;
-            dpy += d.y;
-          }
-        });
-    if (partials)
+    auto store_s = [&](int64_t c, acc v) { gsp[c * gss.c] = static_cast<scalar_t>(v); };
+    auto store_t = [&](int64_t c, acc v) {
+      if (gt_b) {
+        acc* plane = gt_b + c * g.Ht * g.Wt;
+        bilinear_scatter(w.tap, g.Wt, 1, v, [&](int64_t off, acc x) { atomicAdd(plane + off, x); });
+      }
+      if constexpr (kCoords) {
+        const auto d = bilinear_sample_coord_grad<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0), v);
+        dpx += d.x;
+        dpy += d.y;
+      }
+    };
+    const bool want_t = gt_b != nullptr || kCoords;
+    if constexpr (MAX_C == 0) {
+      const auto st = kl_pixel_loaded<acc>(load_s, load_t, g.C, g.logits);
+      kl_pixel_grad_loaded<acc>(load_s, load_t, g.C, g.logits, st, scale, gsp != nullptr, store_s, want_t, store_t);
+    } else {
+      acc sv[MAX_C], tv[MAX_C];
+      kl_load_regs<MAX_C, acc>(load_s, load_t, int(g.C), sv, tv);
+      const auto st = kl_pixel_regs<MAX_C, acc>(sv, tv, int(g.C), g.logits);
+      kl_pixel_grad_regs<MAX_C, acc>(sv, tv, int(g.C), g.logits, st, scale, gsp != nullptr, store_s, want_t, store_t);
+    }
+    if constexpr (kCoords)
       tps_eval_backward<acc>(w.qx, w.qy, src_b, params_b, n, Vec2<acc>{dpx * sx, dpy * sy}, local, local + 2 * n);
   }
 
-  if (partials) {
+  if constexpr (kCoords) {
     // Block reduction of the per-thread accumulators into this block's partial row.
     __shared__ acc shared[kThreads];
     acc* out = partials + (b * gridDim.x + blockIdx.x) * row_len;
@@ -204,17 +257,35 @@ void launch_forward(const Prepared& p, at::Tensor& kl, at::Tensor& weights) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.in_dtype, "warped_kl_div_cuda", [&] {
     auto run = [&](auto acc_tag) {
       using acc = decltype(acc_tag);
-      warped_kl_forward_kernel<scalar_t, acc><<<grid_for(N, p.g.B), kThreads, 0, stream>>>(
-          p.g, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
-          p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), kl.mutable_data_ptr<acc>(),
-          weights.mutable_data_ptr<acc>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_max_classes(kRegs<scalar_t, acc> ? p.g.C : INT64_MAX, [&](auto max_c) {
+        constexpr int MAX_C = kRegs<scalar_t, acc> ? decltype(max_c)::value : 0;
+        warped_kl_forward_kernel<scalar_t, acc, MAX_C><<<grid_for(N, p.g.B), kThreads, 0, stream>>>(
+            p.g, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
+            p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), kl.mutable_data_ptr<acc>(),
+            weights.mutable_data_ptr<acc>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     };
     if (p.acc_dtype == at::kDouble)
       run(double{});
     else
       run(float{});
   });
+}
+
+void launch_validity(const Prepared& p, at::Tensor& weights) {
+  const int64_t N = p.g.H * p.g.W;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto run = [&](auto acc_tag) {
+    using acc = decltype(acc_tag);
+    warped_validity_kernel<acc><<<grid_for(N, p.g.B), kThreads, 0, stream>>>(
+        p.g, p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), weights.mutable_data_ptr<acc>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (p.acc_dtype == at::kDouble)
+    run(double{});
+  else
+    run(float{});
 }
 
 at::Tensor warped_kl_div_impl(const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
@@ -247,30 +318,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
     if (output_mask[0]) grad_s.zero_();
     return {grad_s, grad_t, grad_src, grad_params};
   }
-  auto kl = at::zeros({p.g.B, N}, student_logits.options().dtype(p.acc_dtype));
-  auto weights = at::zeros_like(kl);
-  launch_forward(p, kl, weights);  // the validity weights: the mean's denominator, on the device
+  auto weights = at::zeros({p.g.B, N}, student_logits.options().dtype(p.acc_dtype));
+  launch_validity(p, weights);  // the validity weights: the mean's denominator, on the device
   auto factor = kl_grad_factor(grad_loss, weights, p.reduction, p.g.B, N, p.acc_dtype);
   at::Tensor gs = output_mask[0] && grad_s.scalar_type() != p.in_dtype
                       ? at::empty_like(grad_s, grad_s.options().dtype(p.in_dtype))
                       : grad_s;
-  at::Tensor gt_acc = output_mask[1] ? at::zeros({p.g.B, p.g.C, p.g.Ht, p.g.Wt}, kl.options()) : at::Tensor();
+  at::Tensor gt_acc = output_mask[1] ? at::zeros({p.g.B, p.g.C, p.g.Ht, p.g.Wt}, weights.options()) : at::Tensor();
   const dim3 grid = grid_for(N, p.g.B);
   const int64_t row_len = 2 * p.g.n + 2 * (p.g.n + 3);
-  at::Tensor partials = need_coords ? at::zeros({p.g.B, int64_t(grid.x), row_len}, kl.options()) : at::Tensor();
+  at::Tensor partials = need_coords ? at::zeros({p.g.B, int64_t(grid.x), row_len}, weights.options()) : at::Tensor();
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.in_dtype, "warped_kl_div_backward_cuda", [&] {
     auto run = [&](auto acc_tag) {
       using acc = decltype(acc_tag);
-      warped_kl_backward_kernel<scalar_t, acc><<<grid, kThreads, 0, stream>>>(
-          p.g, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
-          p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), weights.const_data_ptr<acc>(),
-          factor.const_data_ptr<acc>(), factor.dim() == 0 ? 0 : 1,
-          output_mask[0] ? gs.mutable_data_ptr<scalar_t>() : nullptr,
-          output_mask[0] ? strides_of(gs) : Strides4{0, 0, 0, 0},
-          output_mask[1] ? gt_acc.mutable_data_ptr<acc>() : nullptr,
-          need_coords ? partials.mutable_data_ptr<acc>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto launch = [&](auto max_c, auto coords) {
+        constexpr int MAX_C = kRegs<scalar_t, acc> && !decltype(coords)::value ? decltype(max_c)::value : 0;
+        warped_kl_backward_kernel<scalar_t, acc, MAX_C, decltype(coords)::value><<<grid, kThreads, 0, stream>>>(
+            p.g, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
+            p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), weights.const_data_ptr<acc>(),
+            factor.const_data_ptr<acc>(), factor.dim() == 0 ? 0 : 1,
+            output_mask[0] ? gs.mutable_data_ptr<scalar_t>() : nullptr,
+            output_mask[0] ? strides_of(gs) : Strides4{0, 0, 0, 0},
+            output_mask[1] ? gt_acc.mutable_data_ptr<acc>() : nullptr,
+            need_coords ? partials.mutable_data_ptr<acc>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      dispatch_max_classes(kRegs<scalar_t, acc> && !need_coords ? p.g.C : INT64_MAX, [&](auto max_c) {
+        if (need_coords)
+          launch(max_c, std::true_type{});
+        else
+          launch(max_c, std::false_type{});
+      });
     };
     if (p.acc_dtype == at::kDouble)
       run(double{});

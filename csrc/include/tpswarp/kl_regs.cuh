@@ -10,6 +10,7 @@
 // order, that of kl_pixel_loaded / kl_pixel_grad_loaded.
 #pragma once
 
+#include <cstdlib>
 #include <type_traits>
 
 #include "tpswarp/kl.h"
@@ -94,10 +95,19 @@ __device__ __forceinline__ void kl_pixel_grad_regs(const acc (&s)[MAX_C], const 
   }
 }
 
+// Host: whether the register path is enabled: yes unless the environment variable
+// TPSWARP_CUDA_KL_REGS is "0" (read at each launch: an A/B switch for benchmarks).
+inline bool kl_regs_enabled() {
+  const char* v = std::getenv("TPSWARP_CUDA_KL_REGS");
+  return !(v != nullptr && v[0] == '0' && v[1] == '\0');
+}
+
 // Host: calls f(std::integral_constant<int, MAX_C>) with the register bound for C classes: 8, 16
-// or 32, or 0 (the generic loaders of kl.h) above 32.
+// or 32, or 0 (the generic loaders of kl.h) above 32 or with the register path disabled.
 template <typename F> inline void dispatch_max_classes(int64_t C, F&& f) {
-  if (C <= 8)
+  if (!kl_regs_enabled())
+    f(std::integral_constant<int, 0>{});
+  else if (C <= 8)
     f(std::integral_constant<int, 8>{});
   else if (C <= 16)
     f(std::integral_constant<int, 16>{});
