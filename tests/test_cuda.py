@@ -227,6 +227,55 @@ def test_kl_options(backend, op, teacher_is_logits, reduction):
     compare(backend, op, fn, ref, inputs, mask)
 
 
+@pytest.mark.parametrize("C", [1, 3, 8, 9, 19, 32, 33, 40])
+@pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
+@pytest.mark.parametrize("op", ["masked_kl_div", "warped_kl_div"])
+def test_kl_classes(op, teacher_is_logits, C):
+    """Every class-count regime of the CUDA kernels (register arrays for C <= 8 / 16 / 32, the
+    generic loaders above), both teacher kinds, float32 and float64, all gradients."""
+    for dtype in (F32, F64):
+        s, t = kl_inputs((2, C, 29, 31), dtype, teacher_is_logits)
+        kw = dict(teacher_is_logits=teacher_is_logits, reduction="mean")
+        if op == "masked_kl_div":
+            m = rand(2, 29, 31, seed=7) > 0.3
+            compare("cpp", op, lambda a, b: tpswarp.masked_kl_div(a, b, m, **kw),
+                    lambda a, b: reference.masked_kl_div(a, b, m, **kw), (s, t), (True, True))
+        else:
+            src, _, params = tps(2, dtype, seed=4)
+            compare("cpp", op, lambda a, b, c, p: tpswarp.warped_kl_div(a, b, c, p, **kw),
+                    lambda a, b, c, p: reference.warped_kl_div(a, b, c, p, **kw), (s, t, src, params),
+                    (True, True, True, True), loose=dtype == F32)
+            # student gradient alone (the kernel without the src/params accumulators)
+            compare("cpp", op, lambda a, b, c, p: tpswarp.warped_kl_div(a, b, c, p, **kw),
+                    lambda a, b, c, p: reference.warped_kl_div(a, b, c, p, **kw), (s, t, src, params),
+                    (True, False, False, False), loose=dtype == F32)
+
+
+@pytest.mark.parametrize("op", ["masked_kl_div", "warped_kl_div"])
+def test_kl_register_path_matches_generic(op, monkeypatch):
+    """The register path (C <= 32) and the generic loaders (TPSWARP_CUDA_KL_REGS=0) agree."""
+    s, t = kl_inputs((2, 19, 61, 67), F32, False)
+    src, _, params = tps(2, F32, seed=4)
+    extra = (None,) if op == "masked_kl_div" else (src, params)
+    opts = (False, "none") if op == "masked_kl_div" else (False, False, "none")
+    n_grads = 2 if op == "masked_kl_div" else 4
+    fwd, bwd = getattr(torch.ops.tpswarp, op), getattr(torch.ops.tpswarp, f"_{op}_backward")
+    results = []
+    ctx = use("cpp", op)
+    try:
+        for flag in ("1", "0"):
+            monkeypatch.setenv("TPSWARP_CUDA_KL_REGS", flag)
+            out = fwd(s, t, *extra, *opts, None)
+            g = randn(*out.shape, seed=3) + 0.5
+            grads = bwd(g, s, t, *extra, *opts, None, [True] * 2 + [False] * (n_grads - 2))
+            torch.cuda.synchronize()
+            results.append((out, grads[0]) if op == "warped_kl_div" else (out, *grads))
+    finally:
+        ctx.__exit__(None, None, None)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_masked_kl_div_empty_mask(backend):
     s, t = kl_inputs((2, 4, 5, 6), F32, True)
     m = torch.zeros(2, 5, 6, dtype=torch.bool, device=DEV)
@@ -290,3 +339,198 @@ def test_compile(backend, op):
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True)
     compare(backend, op, compiled, ref, inputs, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# size= of masked_kl_div / warped_kl_div: the CUDA kernels ("cpp") called through torch.ops
+# (independent of the Python wrapper) against the composition the contract defines:
+# F.interpolate(bilinear, align_corners=False) in the compute dtype, then the full-resolution
+# reference op; gradients against autograd through that composition.
+# --------------------------------------------------------------------------------------------
+SIZE_CASES = {  # student (hs, ws), teacher (ht, wt), output size (H, W)
+    "x1": ((24, 20), (24, 20), (24, 20)),
+    "x4": ((12, 10), (12, 10), (48, 40)),
+    "frac": ((13, 17), (13, 17), (40, 50)),
+    "mixed": ((13, 17), (20, 25), (40, 50)),  # teacher at another resolution than the student
+    "down": ((45, 52), (40, 50), (21, 26)),  # a smaller output size (plain bilinear, no antialias)
+}
+
+
+def interp(x, size):
+    ct = F64 if x.dtype == F64 else F32
+    return torch.nn.functional.interpolate(x.to(ct), size=size, mode="bilinear", align_corners=False)
+
+
+def size_inputs(case, dtype, teacher_is_logits, B=2, C=5):
+    (hs, ws), (ht, wt), size = SIZE_CASES[case]
+    s = randn(B, C, hs, ws, dtype=dtype, scale=2.0, seed=11)
+    if teacher_is_logits:
+        return s, randn(B, C, ht, wt, dtype=dtype, scale=2.0, seed=12), size
+    t = torch.softmax(randn(B, C, ht, wt, dtype=F64, scale=2.0, seed=12), dim=1)
+    t[0, :, :3, :3] = 0.0  # a one-hot corner: exact zeros after resizing (0 log 0)
+    t[0, 0, :3, :3] = 1.0
+    return s, t.to(dtype), size
+
+
+def size_reference(op, s, t, size, teacher_is_logits, reduction, mask=None, tps_args=()):
+    """Loss, upstream gradient g and the gradients of the composition (autograd) w.r.t. s, t, *tps_args."""
+    leaves = [x.detach().requires_grad_() for x in (s, t, *tps_args)]
+    su, tu = interp(leaves[0], size), interp(leaves[1], size)
+    kw = dict(teacher_is_logits=teacher_is_logits, reduction=reduction)
+    if op == "masked_kl_div":
+        loss = reference.masked_kl_div(su, tu, mask, **kw)
+    else:
+        loss = reference.warped_kl_div(su, tu, *leaves[2:], **kw)
+    g = randn(*loss.shape, dtype=loss.dtype, seed=3) + 0.5
+    grads = torch.autograd.grad(loss, leaves, g, allow_unused=True)
+    return loss.detach(), g, [torch.zeros_like(x) if gx is None else gx for x, gx in zip(leaves, grads)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
+@pytest.mark.parametrize("case", list(SIZE_CASES))
+def test_masked_kl_div_size(case, teacher_is_logits, reduction):
+    s, t, size = size_inputs(case, F64, teacher_is_logits)
+    for mask in (None, rand(s.shape[0], *size, seed=7) > 0.3):
+        with tpswarp.use_backend("reference"):
+            ref_loss, g, ref_grads = size_reference("masked_kl_div", s, t, size, teacher_is_logits, reduction, mask)
+        ctx = use("cpp", "masked_kl_div")
+        try:
+            out = torch.ops.tpswarp.masked_kl_div(s, t, mask, teacher_is_logits, reduction, list(size))
+            gs, gt = torch.ops.tpswarp._masked_kl_div_backward(g, s, t, mask, teacher_is_logits, reduction, list(size),
+                                                                [True, True])
+            torch.cuda.synchronize()
+        finally:
+            ctx.__exit__(None, None, None)
+        assert out.shape == ref_loss.shape and out.dtype == ref_loss.dtype
+        assert gs.shape == s.shape and gt.shape == t.shape
+        assert_close(out, ref_loss)
+        assert_close(gs, ref_grads[0], grad=True)
+        assert_close(gt, ref_grads[1], grad=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
+@pytest.mark.parametrize("case", list(SIZE_CASES))
+def test_warped_kl_div_size(case, teacher_is_logits, reduction):
+    s, t, size = size_inputs(case, F64, teacher_is_logits)
+    src, _, params = tps(2, F64, seed=4)
+    with tpswarp.use_backend("reference"):
+        ref_loss, g, ref_grads = size_reference("warped_kl_div", s, t, size, teacher_is_logits, reduction,
+                                                tps_args=(src, params))
+    ctx = use("cpp", "warped_kl_div")
+    try:
+        out = torch.ops.tpswarp.warped_kl_div(s, t, src, params, teacher_is_logits, False, reduction, list(size))
+        # student alone (the two-pass gather), then everything (teacher / src / params composed)
+        only_s = torch.ops.tpswarp._warped_kl_div_backward(g, s, t, src, params, teacher_is_logits, False, reduction,
+                                                            list(size), [True, False, False, False])
+        grads = torch.ops.tpswarp._warped_kl_div_backward(g, s, t, src, params, teacher_is_logits, False, reduction,
+                                                           list(size), [True, True, True, True])
+        torch.cuda.synchronize()
+    finally:
+        ctx.__exit__(None, None, None)
+    assert out.shape == ref_loss.shape and out.dtype == ref_loss.dtype
+    assert_close(out, ref_loss)
+    assert_close(only_s[0], ref_grads[0], grad=True)
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape
+        assert_close(got, want, grad=True)
+
+
+@pytest.mark.parametrize("op", ["masked_kl_div", "warped_kl_div"])
+def test_kl_size_identity_equals_no_size(op):
+    """size equal to the input size reads the inputs unchanged: the same loss and gradient as size=None."""
+    s, t, size = size_inputs("x1", F32, True)
+    src, _, params = tps(2, F32, seed=4)
+    extra = (None,) if op == "masked_kl_div" else (src, params)
+    opts = (True, "none") if op == "masked_kl_div" else (True, False, "none")
+    n_grads = 2 if op == "masked_kl_div" else 4
+    fwd, bwd = getattr(torch.ops.tpswarp, op), getattr(torch.ops.tpswarp, f"_{op}_backward")
+    ctx = use("cpp", op)
+    try:
+        a = fwd(s, t, *extra, *opts, list(size))
+        b = fwd(s, t, *extra, *opts, None)
+        g = randn(*a.shape, seed=3) + 0.5
+        mask = [True] + [False] * (n_grads - 1)
+        ga = bwd(g, s, t, *extra, *opts, list(size), mask)[0]
+        gb = bwd(g, s, t, *extra, *opts, None, mask)[0]
+    finally:
+        ctx.__exit__(None, None, None)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["f32", "f16"])
+@pytest.mark.parametrize("op", ["masked_kl_div", "warped_kl_div"])
+def test_kl_size_dtypes_layouts(op, dtype):
+    """float32 / half inputs, channels_last student and non-contiguous teacher, deterministic student gradient."""
+    s, t, size = size_inputs("frac", dtype, False)
+    s, t = to_channels_last(s), non_contiguous(t)
+    src, _, params = tps(2, F32, seed=4)
+    extra = (None,) if op == "masked_kl_div" else (src, params)
+    opts = (False, "mean") if op == "masked_kl_div" else (False, False, "mean")
+    n_grads = 2 if op == "masked_kl_div" else 4
+    fwd, bwd = getattr(torch.ops.tpswarp, op), getattr(torch.ops.tpswarp, f"_{op}_backward")
+    g = torch.tensor(1.5, device=DEV)
+    with tpswarp.use_backend("reference"):
+        sl = s.detach().requires_grad_()
+        su, tu = interp(sl, size), interp(t, size)
+        ref = reference.masked_kl_div(su, tu) if op == "masked_kl_div" else reference.warped_kl_div(su, tu, src, params)
+        (ref_gs,) = torch.autograd.grad(ref, (sl,), g)
+    ctx = use("cpp", op)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = fwd(s, t, *extra, *opts, list(size))
+        mask = [True] + [False] * (n_grads - 1)
+        gs1 = bwd(g, s, t, *extra, *opts, list(size), mask)[0]
+        gs2 = bwd(g, s, t, *extra, *opts, list(size), mask)[0]
+        torch.cuda.synchronize()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        ctx.__exit__(None, None, None)
+    assert out.dtype == F32 and gs1.dtype == dtype and gs1.shape == s.shape
+    assert torch.equal(gs1, gs2)
+    loose = op == "warped_kl_div" and dtype == F32  # float32 sample coordinates (see close())
+    close(out, ref.detach().to(out.dtype), grad=False, dtype=dtype, loose=loose)
+    close(gs1, ref_gs.to(dtype), grad=True, dtype=dtype, loose=loose)
+
+
+@pytest.mark.parametrize("op", ["masked_kl_div", "warped_kl_div"])
+def test_kl_size_bad_size(op):
+    s, t, _ = size_inputs("x4", F32, True)
+    src, _, params = tps(2, F32, seed=4)
+    extra = (None,) if op == "masked_kl_div" else (src, params)
+    opts = (True, "mean") if op == "masked_kl_div" else (True, False, "mean")
+    ctx = use("cpp", op)
+    try:
+        for bad in ([0, 5], [5], [4, 5, 6], [-1, 3]):
+            with pytest.raises(ValueError, match="size"):
+                getattr(torch.ops.tpswarp, op)(s, t, *extra, *opts, bad)
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def _public_size_supported(op):
+    import inspect
+    return "size" in inspect.signature(getattr(tpswarp, op)).parameters
+
+
+@pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
+@pytest.mark.parametrize("op", ["masked_kl_div", "warped_kl_div"])
+def test_kl_size_public(backend, op, teacher_is_logits):
+    """The public API with size=, autograd included, on each CUDA backend."""
+    if not _public_size_supported(op):
+        pytest.skip(f"tpswarp.{op} has no size= in this build")
+    s, t, size = size_inputs("frac", F64, teacher_is_logits)
+    kw = dict(teacher_is_logits=teacher_is_logits, reduction="mean")
+    if op == "masked_kl_div":
+        m = rand(s.shape[0], *size, seed=7) > 0.3
+        fn = lambda a, b: tpswarp.masked_kl_div(a, b, m, size=size, **kw)  # noqa: E731
+        ref = lambda a, b: reference.masked_kl_div(interp(a, size), interp(b, size), m, **kw)  # noqa: E731
+        compare(backend, op, fn, ref, (s, t), (True, True))
+    else:
+        src, _, params = tps(2, F64, seed=4)
+        fn = lambda a, b, c, p: tpswarp.warped_kl_div(a, b, c, p, size=size, **kw)  # noqa: E731
+        ref = lambda a, b, c, p: reference.warped_kl_div(interp(a, size), interp(b, size), c, p, **kw)  # noqa: E731
+        compare(backend, op, fn, ref, (s, t, src, params), (True, True, True, True))

@@ -4,11 +4,33 @@
 // Gradients of the TPS parameters: per-block partials (fixed decomposition) summed with
 // at::sum, deterministic. The teacher gradient is a scatter with atomics: with
 // deterministic algorithms requested it raises instead.
+//
+// size=None performance: the backward gets the validity weights (the mean's denominator) from a
+// validity-only kernel (TPS map + hull test, no class loop) instead of rerunning the forward; the
+// src/params accumulators and their block reduction exist only in the instantiation that needs
+// them (kCoords); for C <= 32 classes (float accumulation, no src/params gradient) the student and
+// warped teacher class vectors of a pixel are loaded once into registers (tpswarp/kl_regs.cuh,
+// MAX_C = 8/16/32, same arithmetic as kl.h); otherwise the kl.h loaders. TPSWARP_CUDA_KL_REGS=0 in the
+// environment forces the generic path (an A/B switch for benchmarks).
+//
+// size=(H, W): the student (B, C, hs, ws) is read at each output pixel through the resize taps of
+// tpswarp/upsample.h (tpswarp/kl_resize.cuh); the teacher (B, C, ht, wt) is resized to (H, W) and
+// warped: the warp's bilinear tap into the virtual resized teacher, each of its four pixels read
+// through the resize taps (16 loads per class); validity and the loss live on the (H, W) grid.
+// Forward: nothing of size B x C x H x W allocated. Student gradient: pass 1 per output pixel
+// (validity, KL statistics, sample location: O(B H W)); pass 2 one thread per low-resolution
+// student element gathering over the output pixels that read it (linear_resize_readers in rows
+// and columns; fixed order, deterministic, no atomics). Teacher/src/params gradients with size:
+// by composition inside this file (upsample_bilinear2d of both inputs to B x C x H x W, the
+// size=None backward, upsample_bilinear2d_backward for the teacher): exact, but it allocates the
+// full-resolution inputs and the teacher part is not deterministic (atomics, as size=None).
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/upsample_bilinear2d.h>
+#include <ATen/ops/upsample_bilinear2d_backward.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,6 +42,8 @@
 
 #include "tpswarp/kl.h"
 #include "tpswarp/kl_args.h"
+#include "tpswarp/kl_regs.cuh"
+#include "tpswarp/kl_resize.cuh"
 #include "tpswarp/sampling.h"
 #include "tpswarp/tps.h"
 #include "tpswarp/tps_args.h"
@@ -44,6 +68,7 @@ struct Geometry {
 // Sample location, validity and taps of output pixel (i, j) of item b.
 template <typename acc> struct PixelWarp {
   acc qx, qy;
+  acc px, py;  // sample location in the teacher's pixel coordinates
   bool valid;
   BilinearTap<acc> tap;
 };
@@ -55,14 +80,19 @@ __device__ inline PixelWarp<acc> warp_pixel(const Geometry& g, const acc* src_b,
   w.qx = pixel_to_normalized<acc>(j, g.W, g.align_corners);
   w.qy = pixel_to_normalized<acc>(i, g.H, g.align_corners);
   const auto f = tps_eval<acc>(w.qx, w.qy, src_b, params_b, g.n);
-  const acc px = normalized_to_pixel(f.x, g.Wt, g.align_corners);
-  const acc py = normalized_to_pixel(f.y, g.Ht, g.align_corners);
+  w.px = normalized_to_pixel(f.x, g.Wt, g.align_corners);
+  w.py = normalized_to_pixel(f.y, g.Ht, g.align_corners);
   w.valid = in_pixel_hull<acc>(f.x, f.y, g.Ht, g.Wt, g.align_corners);
-  w.tap = bilinear_tap<acc>(px, py, g.Ht, g.Wt);
+  w.tap = bilinear_tap<acc>(w.px, w.py, g.Ht, g.Wt);
   return w;
 }
 
+// Register path (kl_regs.cuh) for at most MAX_C classes, float accumulation of float/half/bfloat16
+// inputs only (double arrays spill); MAX_C == 0: any C through the loaders of kl.h.
 template <typename scalar_t, typename acc>
+constexpr bool kRegs = std::is_same<acc, float>::value && !std::is_same<scalar_t, double>::value;
+
+template <typename scalar_t, typename acc, int MAX_C>
 __global__ void warped_kl_forward_kernel(Geometry g, const scalar_t* __restrict__ s, Strides4 ss,
                                          const scalar_t* __restrict__ t, Strides4 ts, const acc* __restrict__ src,
                                          const acc* __restrict__ params, acc* __restrict__ kl, acc* __restrict__ weights) {
@@ -78,15 +108,35 @@ __global__ void warped_kl_forward_kernel(Geometry g, const scalar_t* __restrict_
     }
     const scalar_t* sp = s + b * ss.b + i * ss.h + j * ss.w;
     const scalar_t* tb = t + b * ts.b;
-    const auto st = kl_pixel_loaded<acc>(
-        [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); },
-        [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0)); }, g.C,
-        g.logits);
-    kl[b * N + k] = st.kl;
+    auto load_s = [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); };
+    auto load_t = [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0)); };
+    if constexpr (MAX_C == 0) {
+      kl[b * N + k] = kl_pixel_loaded<acc>(load_s, load_t, g.C, g.logits).kl;
+    } else {
+      acc sv[MAX_C], tv[MAX_C];
+      kl_load_regs<MAX_C, acc>(load_s, load_t, int(g.C), sv, tv);
+      kl[b * N + k] = kl_pixel_regs<MAX_C, acc>(sv, tv, int(g.C), g.logits).kl;
+    }
   }
 }
 
-template <typename scalar_t, typename acc>
+// Validity weights only (the backward's mean denominator): warp_pixel's TPS map and hull test,
+// without the class loop (the taps it also computes are unused and optimized away).
+template <typename acc>
+__global__ void warped_validity_kernel(Geometry g, const acc* __restrict__ src, const acc* __restrict__ params,
+                                       acc* __restrict__ weights) {
+  const int64_t N = g.H * g.W;
+  const int64_t b = blockIdx.y;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = k / g.W, j = k % g.W;
+    const auto w = warp_pixel<acc>(g, src + b * g.n * 2, params + b * (g.n + 3) * 2, i, j);
+    weights[b * N + k] = w.valid ? acc(1) : acc(0);
+  }
+}
+
+// kCoords: the src/params gradient is requested (per-thread accumulators, block partials); it
+// always uses the generic path (MAX_C == 0): its accumulators already take the registers.
+template <typename scalar_t, typename acc, int MAX_C, bool kCoords>
 __global__ void warped_kl_backward_kernel(Geometry g, const scalar_t* __restrict__ s, Strides4 ss,
                                           const scalar_t* __restrict__ t, Strides4 ts, const acc* __restrict__ src,
                                           const acc* __restrict__ params, const acc* __restrict__ weights,
@@ -99,8 +149,9 @@ __global__ void warped_kl_backward_kernel(Geometry g, const scalar_t* __restrict
   const acc* params_b = params + b * (n + 3) * 2;
   const acc sx = normalized_to_pixel_scale<acc>(g.Wt, g.align_corners);
   const acc sy = normalized_to_pixel_scale<acc>(g.Ht, g.align_corners);
-  acc local[2 * kMaxPoints + 2 * (kMaxPoints + 3)];
-  for (int64_t r = 0; r < row_len; ++r) local[r] = 0;
+  acc local[kCoords ? 2 * kMaxPoints + 2 * (kMaxPoints + 3) : 1];
+  if constexpr (kCoords)
+    for (int64_t r = 0; r < row_len; ++r) local[r] = 0;
 
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = k / g.W, j = k % g.W;
@@ -116,28 +167,35 @@ __global__ void warped_kl_backward_kernel(Geometry g, const scalar_t* __restrict
     const scalar_t* tb = t + b * ts.b;
     auto load_s = [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); };
     auto load_t = [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0)); };
-    const auto st = kl_pixel_loaded<acc>(load_s, load_t, g.C, g.logits);
     acc dpx = 0, dpy = 0;
     acc* gt_b = gt ? gt + b * g.C * g.Ht * g.Wt : nullptr;
-    kl_pixel_grad_loaded<acc>(
-        load_s, load_t, g.C, g.logits, st, scale, gsp != nullptr,
-        [&](int64_t c, acc v) { gsp[c * gss.c] = static_cast<scalar_t>(v); }, gt_b != nullptr || partials != nullptr,
-        [&](int64_t c, acc v) {
-          if (gt_b) {
-            acc* plane = gt_b + c * g.Ht * g.Wt;
-            bilinear_scatter(w.tap, g.Wt, 1, v, [&](int64_t off, acc x) { atomicAdd(plane + off, x); });
-          }
-          if (partials) {
-            const auto d = bilinear_sample_coord_grad<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0), v);
-            dpx += d.x;
-            dpy += d.y;
-          }
-        });
-    if (partials)
+    auto store_s = [&](int64_t c, acc v) { gsp[c * gss.c] = static_cast<scalar_t>(v); };
+    auto store_t = [&](int64_t c, acc v) {
+      if (gt_b) {
+        acc* plane = gt_b + c * g.Ht * g.Wt;
+        bilinear_scatter(w.tap, g.Wt, 1, v, [&](int64_t off, acc x) { atomicAdd(plane + off, x); });
+      }
+      if constexpr (kCoords) {
+        const auto d = bilinear_sample_coord_grad<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0), v);
+        dpx += d.x;
+        dpy += d.y;
+      }
+    };
+    const bool want_t = gt_b != nullptr || kCoords;
+    if constexpr (MAX_C == 0) {
+      const auto st = kl_pixel_loaded<acc>(load_s, load_t, g.C, g.logits);
+      kl_pixel_grad_loaded<acc>(load_s, load_t, g.C, g.logits, st, scale, gsp != nullptr, store_s, want_t, store_t);
+    } else {
+      acc sv[MAX_C], tv[MAX_C];
+      kl_load_regs<MAX_C, acc>(load_s, load_t, int(g.C), sv, tv);
+      const auto st = kl_pixel_regs<MAX_C, acc>(sv, tv, int(g.C), g.logits);
+      kl_pixel_grad_regs<MAX_C, acc>(sv, tv, int(g.C), g.logits, st, scale, gsp != nullptr, store_s, want_t, store_t);
+    }
+    if constexpr (kCoords)
       tps_eval_backward<acc>(w.qx, w.qy, src_b, params_b, n, Vec2<acc>{dpx * sx, dpy * sy}, local, local + 2 * n);
   }
 
-  if (partials) {
+  if constexpr (kCoords) {
     // Block reduction of the per-thread accumulators into this block's partial row.
     __shared__ acc shared[kThreads];
     acc* out = partials + (b * gridDim.x + blockIdx.x) * row_len;
@@ -200,11 +258,14 @@ void launch_forward(const Prepared& p, at::Tensor& kl, at::Tensor& weights) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.in_dtype, "warped_kl_div_cuda", [&] {
     auto run = [&](auto acc_tag) {
       using acc = decltype(acc_tag);
-      warped_kl_forward_kernel<scalar_t, acc><<<grid_for(N, p.g.B), kThreads, 0, stream>>>(
-          p.g, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
-          p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), kl.mutable_data_ptr<acc>(),
-          weights.mutable_data_ptr<acc>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_max_classes(kRegs<scalar_t, acc> ? p.g.C : INT64_MAX, [&](auto max_c) {
+        constexpr int MAX_C = kRegs<scalar_t, acc> ? decltype(max_c)::value : 0;
+        warped_kl_forward_kernel<scalar_t, acc, MAX_C><<<grid_for(N, p.g.B), kThreads, 0, stream>>>(
+            p.g, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
+            p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), kl.mutable_data_ptr<acc>(),
+            weights.mutable_data_ptr<acc>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     };
     if (p.acc_dtype == at::kDouble)
       run(double{});
@@ -213,10 +274,24 @@ void launch_forward(const Prepared& p, at::Tensor& kl, at::Tensor& weights) {
   });
 }
 
-at::Tensor warped_kl_div_cuda(const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
+void launch_validity(const Prepared& p, at::Tensor& weights) {
+  const int64_t N = p.g.H * p.g.W;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto run = [&](auto acc_tag) {
+    using acc = decltype(acc_tag);
+    warped_validity_kernel<acc><<<grid_for(N, p.g.B), kThreads, 0, stream>>>(
+        p.g, p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), weights.mutable_data_ptr<acc>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (p.acc_dtype == at::kDouble)
+    run(double{});
+  else
+    run(float{});
+}
+
+at::Tensor warped_kl_div_impl(const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
                               const at::Tensor& params, bool teacher_is_logits, bool align_corners,
                               c10::string_view reduction) {
-  c10::cuda::CUDAGuard guard(student_logits.device());
   auto p = prepare(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
   auto kl = at::zeros({p.g.B, p.g.H * p.g.W}, student_logits.options().dtype(p.acc_dtype));
   auto weights = at::zeros_like(kl);
@@ -224,11 +299,10 @@ at::Tensor warped_kl_div_cuda(const at::Tensor& student_logits, const at::Tensor
   return kl_reduce(kl, weights, p.reduction, {p.g.B, p.g.H, p.g.W});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backward_impl(
     const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
     const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
     std::array<bool, 4> output_mask) {
-  c10::cuda::CUDAGuard guard(student_logits.device());
   auto p = prepare(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
   const bool need_coords = output_mask[2] || output_mask[3];
   TORCH_CHECK_VALUE(!need_coords || p.g.n <= kMaxPoints, kOp, ": the CUDA backward to `src`/`params` supports at most ",
@@ -245,30 +319,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
     if (output_mask[0]) grad_s.zero_();
     return {grad_s, grad_t, grad_src, grad_params};
   }
-  auto kl = at::zeros({p.g.B, N}, student_logits.options().dtype(p.acc_dtype));
-  auto weights = at::zeros_like(kl);
-  launch_forward(p, kl, weights);  // the validity weights: the mean's denominator, on the device
+  auto weights = at::zeros({p.g.B, N}, student_logits.options().dtype(p.acc_dtype));
+  launch_validity(p, weights);  // the validity weights: the mean's denominator, on the device
   auto factor = kl_grad_factor(grad_loss, weights, p.reduction, p.g.B, N, p.acc_dtype);
   at::Tensor gs = output_mask[0] && grad_s.scalar_type() != p.in_dtype
                       ? at::empty_like(grad_s, grad_s.options().dtype(p.in_dtype))
                       : grad_s;
-  at::Tensor gt_acc = output_mask[1] ? at::zeros({p.g.B, p.g.C, p.g.Ht, p.g.Wt}, kl.options()) : at::Tensor();
+  at::Tensor gt_acc = output_mask[1] ? at::zeros({p.g.B, p.g.C, p.g.Ht, p.g.Wt}, weights.options()) : at::Tensor();
   const dim3 grid = grid_for(N, p.g.B);
   const int64_t row_len = 2 * p.g.n + 2 * (p.g.n + 3);
-  at::Tensor partials = need_coords ? at::zeros({p.g.B, int64_t(grid.x), row_len}, kl.options()) : at::Tensor();
+  at::Tensor partials = need_coords ? at::zeros({p.g.B, int64_t(grid.x), row_len}, weights.options()) : at::Tensor();
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.in_dtype, "warped_kl_div_backward_cuda", [&] {
     auto run = [&](auto acc_tag) {
       using acc = decltype(acc_tag);
-      warped_kl_backward_kernel<scalar_t, acc><<<grid, kThreads, 0, stream>>>(
-          p.g, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
-          p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), weights.const_data_ptr<acc>(),
-          factor.const_data_ptr<acc>(), factor.dim() == 0 ? 0 : 1,
-          output_mask[0] ? gs.mutable_data_ptr<scalar_t>() : nullptr,
-          output_mask[0] ? strides_of(gs) : Strides4{0, 0, 0, 0},
-          output_mask[1] ? gt_acc.mutable_data_ptr<acc>() : nullptr,
-          need_coords ? partials.mutable_data_ptr<acc>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto launch = [&](auto max_c, auto coords) {
+        constexpr int MAX_C = kRegs<scalar_t, acc> && !decltype(coords)::value ? decltype(max_c)::value : 0;
+        warped_kl_backward_kernel<scalar_t, acc, MAX_C, decltype(coords)::value><<<grid, kThreads, 0, stream>>>(
+            p.g, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
+            p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), weights.const_data_ptr<acc>(),
+            factor.const_data_ptr<acc>(), factor.dim() == 0 ? 0 : 1,
+            output_mask[0] ? gs.mutable_data_ptr<scalar_t>() : nullptr,
+            output_mask[0] ? strides_of(gs) : Strides4{0, 0, 0, 0},
+            output_mask[1] ? gt_acc.mutable_data_ptr<acc>() : nullptr,
+            need_coords ? partials.mutable_data_ptr<acc>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      dispatch_max_classes(kRegs<scalar_t, acc> && !need_coords ? p.g.C : INT64_MAX, [&](auto max_c) {
+        if (need_coords)
+          launch(max_c, std::true_type{});
+        else
+          launch(max_c, std::false_type{});
+      });
     };
     if (p.acc_dtype == at::kDouble)
       run(double{});
@@ -283,6 +365,266 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
     if (output_mask[3]) grad_params.copy_(per_item.narrow(1, 2 * p.g.n, 2 * (p.g.n + 3)).view({p.g.B, p.g.n + 3, 2}));
   }
   return {grad_s, grad_t, grad_src, grad_params};
+}
+
+// ---------------------------------------------------------------------------------------------
+// size=(H, W): the student (B, C, hs, ws) is read through the resize taps of tpswarp/upsample.h at
+// each output pixel; the teacher (B, C, ht, wt) is resized to (H, W) and warped, i.e. the warp's
+// bilinear tap into the (virtual) resized teacher, each of its four pixels read through the resize
+// taps (bilinear of bilinear, 16 loads per class). In the Geometry, H, W and Ht, Wt are all the
+// output size; SizedDims holds the input sizes. Nothing of size B x C x H x W is allocated on the
+// forward and student-gradient paths.
+// ---------------------------------------------------------------------------------------------
+struct SizedDims {
+  int64_t hs, ws, ht, wt;
+};
+
+template <typename acc> struct VirtualTap {
+  BilinearTap<acc> tap;              // the warp's tap into the resized (g.Ht, g.Wt) teacher
+  LinearTap<acc> ry0, ry1, cx0, cx1;  // resize taps of its rows tap.y0, tap.y1 and columns tap.x0, tap.x1
+};
+
+template <typename acc>
+__device__ __forceinline__ VirtualTap<acc> virtual_tap(acc px, acc py, const Geometry& g, const SizedDims& d, acc t_sh,
+                                                       acc t_sw) {
+  VirtualTap<acc> v;
+  v.tap = bilinear_tap<acc>(px, py, g.Ht, g.Wt);
+  v.ry0 = linear_resize_tap<acc>(v.tap.y0, d.ht, t_sh);
+  v.ry1 = linear_resize_tap<acc>(v.tap.y1, d.ht, t_sh);
+  v.cx0 = linear_resize_tap<acc>(v.tap.x0, d.wt, t_sw);
+  v.cx1 = linear_resize_tap<acc>(v.tap.x1, d.wt, t_sw);
+  return v;
+}
+
+// The warped resized teacher of one class plane: bilinear_combine (fill 0) of the four resized values.
+template <typename scalar_t, typename acc>
+__device__ __forceinline__ acc virtual_read(const scalar_t* __restrict__ plane, const VirtualTap<acc>& v, int64_t sh,
+                                            int64_t sw) {
+  const acc v00 = kl_resize::read<scalar_t, acc>(plane, kl_resize::tap2<acc>(v.ry0, v.cx0, sh, sw));  // (y0, x0)
+  const acc v10 = kl_resize::read<scalar_t, acc>(plane, kl_resize::tap2<acc>(v.ry0, v.cx1, sh, sw));  // (y0, x1)
+  const acc v01 = kl_resize::read<scalar_t, acc>(plane, kl_resize::tap2<acc>(v.ry1, v.cx0, sh, sw));  // (y1, x0)
+  const acc v11 = kl_resize::read<scalar_t, acc>(plane, kl_resize::tap2<acc>(v.ry1, v.cx1, sh, sw));  // (y1, x1)
+  acc out = v.tap.w00 * v00;
+  out += v.tap.w10 * v10;
+  out += v.tap.w01 * v01;
+  out += v.tap.w11 * v11;
+  return out;
+}
+
+// Forward (kl != null), validity weights (always), and pass 1 of the backward (stats != null).
+template <typename scalar_t, typename acc>
+__global__ void warped_kl_sized_forward_kernel(Geometry g, SizedDims d, const scalar_t* __restrict__ s, Strides4 ss,
+                                               const scalar_t* __restrict__ t, Strides4 ts,
+                                               const acc* __restrict__ src, const acc* __restrict__ params,
+                                               acc* __restrict__ kl, acc* __restrict__ weights,
+                                               kl_resize::PixelStats<acc>* __restrict__ stats) {
+  const int64_t N = g.H * g.W;
+  const int64_t b = blockIdx.y;
+  const acc s_sh = linear_resize_scale<acc>(d.hs, g.H), s_sw = linear_resize_scale<acc>(d.ws, g.W);
+  const acc t_sh = linear_resize_scale<acc>(d.ht, g.Ht), t_sw = linear_resize_scale<acc>(d.wt, g.Wt);
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = k / g.W, j = k % g.W;
+    const auto w = warp_pixel<acc>(g, src + b * g.n * 2, params + b * (g.n + 3) * 2, i, j);
+    weights[b * N + k] = w.valid ? acc(1) : acc(0);
+    if (!w.valid) {
+      if (kl) kl[b * N + k] = 0;
+      continue;
+    }
+    const auto rs = kl_resize::tap2<acc>(i, j, d.hs, d.ws, s_sh, s_sw, ss.h, ss.w);
+    const auto vt = virtual_tap<acc>(w.px, w.py, g, d, t_sh, t_sw);
+    const scalar_t* sb = s + b * ss.b;
+    const scalar_t* tb = t + b * ts.b;
+    const auto st = kl_pixel_loaded<acc>(
+        [&](int64_t c) { return kl_resize::read<scalar_t, acc>(sb + c * ss.c, rs); },
+        [&](int64_t c) { return virtual_read<scalar_t, acc>(tb + c * ts.c, vt, ts.h, ts.w); }, g.C, g.logits);
+    if (kl) kl[b * N + k] = st.kl;
+    if (stats) {
+      stats[b * N + k].kl = st;
+      stats[b * N + k].px = w.px;
+      stats[b * N + k].py = w.py;
+    }
+  }
+}
+
+// Pass 2 of the student backward: one thread per low-resolution student element (b, c, y, x),
+// summing over the output pixels that read it (fixed order: deterministic, no atomics) the tap
+// weight times d(scale * KL)/d(resized student) there. Invalid pixels have weight 0 (skipped).
+template <typename scalar_t, typename acc>
+__global__ void warped_kl_sized_gather_kernel(Geometry g, SizedDims d, const scalar_t* __restrict__ s, Strides4 ss,
+                                              const scalar_t* __restrict__ t, Strides4 ts,
+                                              const acc* __restrict__ weights, const acc* __restrict__ factor,
+                                              int64_t f_step, const kl_resize::PixelStats<acc>* __restrict__ stats,
+                                              scalar_t* __restrict__ out, Strides4 os) {
+  const int64_t N = g.H * g.W;
+  const int64_t plane = d.hs * d.ws, total = g.B * g.C * plane;
+  const acc s_sh = linear_resize_scale<acc>(d.hs, g.H), s_sw = linear_resize_scale<acc>(d.ws, g.W);
+  const acc t_sh = linear_resize_scale<acc>(d.ht, g.Ht), t_sw = linear_resize_scale<acc>(d.wt, g.Wt);
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t x = e % d.ws, y = (e / d.ws) % d.hs, c = (e / plane) % g.C, b = e / (plane * g.C);
+    const scalar_t* sp = s + b * ss.b + c * ss.c;
+    const scalar_t* tp = t + b * ts.b + c * ts.c;
+    acc sum = 0;
+    kl_resize::for_each_reader<acc>(y, x, d.hs, d.ws, g.H, g.W, s_sh, s_sw, [&](int64_t oy, int64_t ox, acc weight) {
+      const int64_t i = b * N + oy * g.W + ox;
+      const acc scale = factor[i * f_step] * weights[i];
+      if (scale == acc(0)) return;
+      const acc sv = kl_resize::read<scalar_t, acc>(sp, kl_resize::tap2<acc>(oy, ox, d.hs, d.ws, s_sh, s_sw, ss.h, ss.w));
+      const acc tv = virtual_read<scalar_t, acc>(tp, virtual_tap<acc>(stats[i].px, stats[i].py, g, d, t_sh, t_sw), ts.h,
+                                                 ts.w);
+      acc grad = 0;
+      kl_pixel_grad_loaded<acc>(
+          [&](int64_t) { return sv; }, [&](int64_t) { return tv; }, 1, g.logits, stats[i].kl, scale, true,
+          [&](int64_t, acc v) { grad = v; }, false, [&](int64_t, acc) {});
+      sum += weight * grad;
+    });
+    out[b * os.b + c * os.c + y * os.h + x * os.w] = static_cast<scalar_t>(sum);
+  }
+}
+
+struct SizedPrepared {
+  Prepared p;
+  SizedDims d;
+};
+
+SizedPrepared prepare_sized(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& src,
+                            const at::Tensor& params, bool teacher_is_logits, bool align_corners,
+                            c10::string_view reduction, at::IntArrayRef size) {
+  TORCH_CHECK_VALUE(size.size() == 2 && size[0] > 0 && size[1] > 0, kOp,
+                    ": `size` must be None or a pair of positive ints (H, W), got ", size);
+  TORCH_CHECK_VALUE(size[0] <= (int64_t(1) << 24) && size[1] <= (int64_t(1) << 24), kOp,
+                    ": `size` must be at most 2^24 in each dimension, got ", size);
+  SizedPrepared r;
+  r.p = prepare(student, teacher, src, params, teacher_is_logits, align_corners, reduction);
+  r.d = {student.size(2), student.size(3), teacher.size(2), teacher.size(3)};
+  TORCH_CHECK_VALUE(r.d.hs > 0 && r.d.ws > 0 && r.d.ht > 0 && r.d.wt > 0, kOp, ": with `size`, `student_logits` ",
+                    student.sizes(), " and `teacher` ", teacher.sizes(), " must have nonzero height and width");
+  // the loss lives on the (H, W) grid, and the warp reads the teacher resized to (H, W)
+  r.p.g.H = r.p.g.Ht = size[0];
+  r.p.g.W = r.p.g.Wt = size[1];
+  return r;
+}
+
+// kl and stats may be undefined (not written); weights (B, H W) always written.
+void launch_sized_forward(const SizedPrepared& sp, at::Tensor& kl, at::Tensor& weights, at::Tensor& stats) {
+  const auto& p = sp.p;
+  const int64_t N = p.g.H * p.g.W;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.in_dtype, "warped_kl_div_sized_cuda", [&] {
+    auto run = [&](auto acc_tag) {
+      using acc = decltype(acc_tag);
+      warped_kl_sized_forward_kernel<scalar_t, acc><<<grid_for(N, p.g.B), kThreads, 0, stream>>>(
+          p.g, sp.d, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
+          p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(),
+          kl.defined() ? kl.mutable_data_ptr<acc>() : nullptr, weights.mutable_data_ptr<acc>(),
+          stats.defined() ? reinterpret_cast<kl_resize::PixelStats<acc>*>(stats.mutable_data_ptr<acc>()) : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (p.acc_dtype == at::kDouble)
+      run(double{});
+    else
+      run(float{});
+  });
+}
+
+at::Tensor warped_kl_div_sized_cuda(const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
+                                    const at::Tensor& params, bool teacher_is_logits, bool align_corners,
+                                    c10::string_view reduction, at::IntArrayRef size) {
+  const auto sp = prepare_sized(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction, size);
+  const auto& g = sp.p.g;
+  auto kl = at::zeros({g.B, g.H * g.W}, student_logits.options().dtype(sp.p.acc_dtype));
+  auto weights = at::zeros_like(kl);
+  at::Tensor no_stats;
+  if (kl.numel() > 0 && g.C > 0) launch_sized_forward(sp, kl, weights, no_stats);
+  return kl_reduce(kl, weights, sp.p.reduction, {g.B, g.H, g.W});
+}
+
+// Student gradient: the two passes above. Teacher / src / params gradients: by composition
+// (the teacher and student resized with upsample_bilinear2d into B x C x H x W tensors, the
+// size=None backward, then upsample_bilinear2d_backward for the teacher): a rare path, exact
+// but neither allocation-free nor (teacher: atomics) deterministic.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_sized_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
+    const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
+    at::IntArrayRef size, std::array<bool, 4> output_mask) {
+  const auto sp = prepare_sized(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction, size);
+  const auto& p = sp.p;
+  const auto& g = p.g;
+  auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };
+  at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : placeholder(student_logits);
+  at::Tensor grad_t = output_mask[1] ? at::zeros_like(teacher) : placeholder(teacher);
+  at::Tensor grad_src = output_mask[2] ? at::zeros_like(src) : placeholder(src);
+  at::Tensor grad_params = output_mask[3] ? at::zeros_like(params) : placeholder(params);
+  const int64_t N = g.H * g.W;
+  if (g.B * N == 0 || g.C == 0) {
+    if (output_mask[0]) grad_s.zero_();
+    return {grad_s, grad_t, grad_src, grad_params};
+  }
+  if (output_mask[1] || output_mask[2] || output_mask[3]) {
+    const std::array<int64_t, 2> out_hw{g.H, g.W};
+    const at::IntArrayRef out_size(out_hw);
+    auto s_up = at::upsample_bilinear2d(p.s.to(p.acc_dtype), out_size, false, std::nullopt, std::nullopt);
+    auto t_up = at::upsample_bilinear2d(p.t.to(p.acc_dtype), out_size, false, std::nullopt, std::nullopt);
+    auto composed = warped_kl_div_backward_impl(grad_loss, s_up, t_up, src, params, teacher_is_logits, align_corners,
+                                                reduction, {false, output_mask[1], output_mask[2], output_mask[3]});
+    if (output_mask[1])
+      grad_t.copy_(at::upsample_bilinear2d_backward(std::get<1>(composed), out_size, p.t.sizes(), false, std::nullopt,
+                                                    std::nullopt));
+    if (output_mask[2]) grad_src.copy_(std::get<2>(composed));
+    if (output_mask[3]) grad_params.copy_(std::get<3>(composed));
+  }
+  if (output_mask[0]) {
+    auto weights = at::zeros({g.B, N}, student_logits.options().dtype(p.acc_dtype));
+    const int64_t stats_len = p.acc_dtype == at::kDouble ? int64_t(sizeof(kl_resize::PixelStats<double>) / sizeof(double))
+                                                         : int64_t(sizeof(kl_resize::PixelStats<float>) / sizeof(float));
+    auto stats = at::empty({g.B * N, stats_len}, weights.options());
+    at::Tensor no_kl;
+    launch_sized_forward(sp, no_kl, weights, stats);  // pass 1: validity weights and per-pixel statistics
+    auto factor = kl_grad_factor(grad_loss, weights, p.reduction, g.B, N, p.acc_dtype);
+    at::Tensor gs = grad_s.scalar_type() != p.in_dtype ? at::empty_like(grad_s, grad_s.options().dtype(p.in_dtype))
+                                                       : grad_s;
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.in_dtype, "warped_kl_div_sized_backward_cuda", [&] {
+      auto run = [&](auto acc_tag) {
+        using acc = decltype(acc_tag);
+        const int64_t total = gs.numel();
+        const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8));
+        warped_kl_sized_gather_kernel<scalar_t, acc><<<blocks, kThreads, 0, stream>>>(
+            g, sp.d, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
+            weights.const_data_ptr<acc>(), factor.const_data_ptr<acc>(), factor.dim() == 0 ? 0 : 1,
+            reinterpret_cast<const kl_resize::PixelStats<acc>*>(stats.const_data_ptr<acc>()),
+            gs.mutable_data_ptr<scalar_t>(), strides_of(gs));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (p.acc_dtype == at::kDouble)
+        run(double{});
+      else
+        run(float{});
+    });
+    if (!gs.is_same(grad_s)) grad_s.copy_(gs);
+  }
+  return {grad_s, grad_t, grad_src, grad_params};
+}
+
+at::Tensor warped_kl_div_cuda(const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
+                              const at::Tensor& params, bool teacher_is_logits, bool align_corners,
+                              c10::string_view reduction, at::OptionalIntArrayRef size) {
+  c10::cuda::CUDAGuard guard(student_logits.device());
+  if (size.has_value())
+    return warped_kl_div_sized_cuda(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction,
+                                    *size);
+  return warped_kl_div_impl(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
+    const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
+    at::OptionalIntArrayRef size, std::array<bool, 4> output_mask) {
+  c10::cuda::CUDAGuard guard(student_logits.device());
+  if (size.has_value())
+    return warped_kl_div_sized_backward_cuda(grad_loss, student_logits, teacher, src, params, teacher_is_logits,
+                                             align_corners, reduction, *size, output_mask);
+  return warped_kl_div_backward_impl(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners,
+                                     reduction, output_mask);
 }
 
 }  // namespace
