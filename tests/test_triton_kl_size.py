@@ -246,6 +246,12 @@ def test_masked_kl_div_size_bad_sizes():
         kernels.masked_kl_div_forward(s, s, None, False, "mean", (4, -1))
     with pytest.raises(ValueError, match="size"):
         kernels.masked_kl_div_forward(s[:, :, 0], s[:, :, 0], None, False, "mean", (4, 4))
+    # a mask at the input size on a direct op call: refused, never read out of bounds
+    with pytest.raises((ValueError, RuntimeError), match="mask"):
+        torch.ops.tpswarp.masked_kl_div(s, s, torch.ones(2, 3, 4, device=DEVICE), False, "mean", [6, 8])
+    with pytest.raises((ValueError, RuntimeError), match="mask"):
+        kernels.masked_kl_div_backward(torch.tensor(1.0, device=DEVICE), s, s, torch.ones(2, 3, 4, device=DEVICE),
+                                       False, "mean", [6, 8], [True, True])
 
 
 # --------------------------------------------------------------------------------------------

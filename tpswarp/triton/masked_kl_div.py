@@ -567,6 +567,17 @@ def _is_identity(student, teacher, size) -> bool:
     return tuple(student.shape[2:]) == tuple(teacher.shape[2:]) == tuple(size)
 
 
+def _check_size_mask(mask, student, size):
+    """The mask is at the output size (the kernels index it by output pixel)."""
+    if mask is None:
+        return
+    B = student.shape[0]
+    H, W = _size_hw(size)
+    if tuple(mask.shape) not in ((B, H, W), (B, 1, H, W)):
+        raise ValueError(f"masked_kl_div: `mask` must have shape (B, H, W) = {(B, H, W)} or (B, 1, H, W) at the "
+                         f"output size `size`, got {tuple(mask.shape)}")
+
+
 def _resized_launch_args(student, teacher, size, ct):
     H, W = _size_hw(size)
     hs, ws = student.shape[2:]
@@ -579,6 +590,7 @@ def masked_kl_div_size_forward(student_logits, teacher, mask, teacher_is_logits,
     """``size=(H, W)``: the masked KL of the student and teacher resized to (H, W), read through
     the bilinear taps (nothing of size B x C x H x W is allocated)."""
     _check_size(student_logits, teacher, reduction, size)
+    _check_size_mask(mask, student_logits, size)
     if _is_identity(student_logits, teacher, size):
         return masked_kl_div_forward(student_logits, teacher, mask, teacher_is_logits, reduction)
     ct = acc_dtype(student_logits, teacher)
@@ -613,6 +625,7 @@ def masked_kl_div_size_backward(grad_loss, student_logits, teacher, mask, teache
     (``7 x B x H x W``), pass 2 gathers each low-resolution input pixel's gradient over the
     output pixels that read it (deterministic)."""
     _check_size(student_logits, teacher, reduction, size)
+    _check_size_mask(mask, student_logits, size)
     if _is_identity(student_logits, teacher, size):
         return masked_kl_div_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, None,
                                       output_mask)
