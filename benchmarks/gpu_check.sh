@@ -19,6 +19,9 @@
 #   WORKERS=8                               # run the GPU tests with pytest-xdist on 8 workers
 #   GPU_ONLY=1                              # skip the CPU suite and the CPU-only benchmarks
 #   ARCHIVE=path.tgz                        # after every step, pack the results folder there
+#   BENCHES="masked_kl_div warped_kl_div"   # only these benchmarks/bench_<name>.py (default: all)
+#   KL_AB=1                                 # rerun the KL benchmarks with TPSWARP_CUDA_KL_REGS=0 (generic path)
+#   MEMORY_ARGS="--model rn34"              # arguments of benchmarks/memory_consistency.py --device cuda
 set -uo pipefail
 set -x
 
@@ -108,7 +111,7 @@ XDIST=()
 [ -n "${WORKERS:-}" ] && XDIST=(-n "$WORKERS")
 step test_cuda $PYTHON -m pytest -q -rs "${XDIST[@]}" tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
 # The Triton kernel tests on CUDA tensors (no interpreter).
-step test_triton_gpu env -u TRITON_INTERPRET $PYTHON -m pytest -q -rs "${XDIST[@]}" tests/test_triton.py \
+step test_triton_gpu env -u TRITON_INTERPRET $PYTHON -m pytest -q -rs "${XDIST[@]}" tests/test_triton.py tests/test_triton_kl_size.py \
   --junitxml="$OUT/test_triton_gpu.xml"
 # The whole suite with the GPU build (CPU tests: reference and C++ backends; CUDA tests again).
 if [ "${GPU_ONLY:-0}" != "1" ]; then
@@ -118,10 +121,10 @@ if [ "${GPU_ONLY:-0}" != "1" ]; then
 fi
 
 # ---------------------------------------------------------------------------------- benchmarks
-step gpu_bandwidth $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG --out "$OUT"
 for bench in benchmarks/bench_*.py; do
   [ -e "$bench" ] || continue
   name=$(basename "$bench" .py)
+  if [ -n "${BENCHES:-}" ] && ! grep -qw "${name#bench_}" <<< "$BENCHES"; then continue; fi
   help=$($PYTHON "$bench" --help 2>&1)
   args=()
   if grep -q -- "--device" <<< "$help"; then
@@ -132,7 +135,14 @@ for bench in benchmarks/bench_*.py; do
   fi
   if [ -n "$QUICK_FLAG" ] && grep -q -- "--quick" <<< "$help"; then args+=(--quick); fi
   step "$name" $PYTHON "$bench" "${args[@]}"
+  if [ "${KL_AB:-0}" = "1" ] && [[ "$name" == *kl_div ]]; then
+    step "${name}_generic" env TPSWARP_CUDA_KL_REGS=0 $PYTHON "$bench" "${args[@]}" --no-save
+  fi
 done
+step gpu_bandwidth $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG --out "$OUT"
+# One iteration of Algorithm 1, CUDA allocator and the CPU tracker (issue #5).
+# shellcheck disable=SC2086
+step memory_consistency $PYTHON benchmarks/memory_consistency.py --device cuda ${MEMORY_ARGS:-} --out "$OUT"
 # The benchmarks append their CSV rows to benchmarks/results/*.csv; keep a copy with this run.
 cp benchmarks/results/*.csv "$OUT/" 2>/dev/null || true
 
