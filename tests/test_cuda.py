@@ -253,7 +253,7 @@ def test_kl_classes(op, teacher_is_logits, C):
 
 @pytest.mark.parametrize("op", ["masked_kl_div", "warped_kl_div"])
 def test_kl_register_path_matches_generic(op, monkeypatch):
-    """The register path (C <= 32) and the generic loaders (TPSWARP_CUDA_KL_REGS=0) agree."""
+    """The register path (C <= 32, TPSWARP_CUDA_KL_REGS=1) and the generic loaders (the default) agree."""
     s, t = kl_inputs((2, 19, 61, 67), F32, False)
     src, _, params = tps(2, F32, seed=4)
     extra = (None,) if op == "masked_kl_div" else (src, params)

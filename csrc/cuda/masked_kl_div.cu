@@ -4,8 +4,8 @@
 // size=None: for C <= 32 classes the kernels are instantiated for a compile-time bound MAX_C of
 // 8, 16 or 32 and hold the student and teacher class vectors of a pixel in registers, loaded once
 // with all loads in flight together (tpswarp/kl_regs.cuh, same arithmetic as kl.h); above 32
-// classes the generic loaders of kl.h (MAX_C = 0). TPSWARP_CUDA_KL_REGS=0 in the environment forces the
-// generic path (an A/B switch for benchmarks).
+// classes the generic loaders of kl.h (MAX_C = 0). The register path is opt-in, TPSWARP_CUDA_KL_REGS=1
+// (slower than the generic loaders on an H200 with 19 classes: see kl_regs.cuh).
 //
 // size=(H, W) (the contract in the `size=` docs of the op): student (B, C, hs, ws) and teacher
 // (B, C, ht, wt) are read at each output pixel through the resize taps of tpswarp/upsample.h

@@ -10,8 +10,8 @@
 // src/params accumulators and their block reduction exist only in the instantiation that needs
 // them (kCoords); for C <= 32 classes (float accumulation, no src/params gradient) the student and
 // warped teacher class vectors of a pixel are loaded once into registers (tpswarp/kl_regs.cuh,
-// MAX_C = 8/16/32, same arithmetic as kl.h); otherwise the kl.h loaders. TPSWARP_CUDA_KL_REGS=0 in the
-// environment forces the generic path (an A/B switch for benchmarks).
+// MAX_C = 8/16/32, same arithmetic as kl.h) when TPSWARP_CUDA_KL_REGS=1 (opt-in: slower than the
+// generic loaders on an H200 with 19 classes, see kl_regs.cuh); otherwise the kl.h loaders.
 //
 // size=(H, W): the student (B, C, hs, ws) is read at each output pixel through the resize taps of
 // tpswarp/upsample.h (tpswarp/kl_resize.cuh); the teacher (B, C, ht, wt) is resized to (H, W) and

@@ -95,15 +95,18 @@ __device__ __forceinline__ void kl_pixel_grad_regs(const acc (&s)[MAX_C], const 
   }
 }
 
-// Host: whether the register path is enabled: yes unless the environment variable
-// TPSWARP_CUDA_KL_REGS is "0" (read at each launch: an A/B switch for benchmarks).
+// Host: whether the register path is enabled: only when the environment variable
+// TPSWARP_CUDA_KL_REGS is "1" (read at each launch: an A/B switch for benchmarks). Off by default:
+// on an H200 (19 classes, MAX_C = 32) it was slower than the generic loaders (masked forward
+// 0.54 vs 0.38 ms, warped forward 1.76 vs 0.56 ms at 8 x 19 x 768 x 768;
+// benchmarks/results/gpu/20261126T0155Z_ca32ef1_H200/).
 inline bool kl_regs_enabled() {
   const char* v = std::getenv("TPSWARP_CUDA_KL_REGS");
-  return !(v != nullptr && v[0] == '0' && v[1] == '\0');
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
 }
 
 // Host: calls f(std::integral_constant<int, MAX_C>) with the register bound for C classes: 8, 16
-// or 32, or 0 (the generic loaders of kl.h) above 32 or with the register path disabled.
+// or 32, or 0 (the generic loaders of kl.h) above 32 or with the register path disabled (the default).
 template <typename F> inline void dispatch_max_classes(int64_t C, F&& f) {
   if (!kl_regs_enabled())
     f(std::integral_constant<int, 0>{});
