@@ -144,12 +144,6 @@ def _peak_memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def _kl_accepts_size() -> bool:
-    try:
-        return "size" in inspect.signature(tpswarp.warped_kl_div).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
-
 
 def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
     if name == "auto":
@@ -260,7 +254,6 @@ class Trainer:
             self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
 
         self.phtps = tpswarp.PhTPS(cfg.geometric_strength, cfg.photometric_strength)
-        self._kl_size = _kl_accepts_size()
         self.optimizer = self._adam()
         T = max(1, self.total_steps)
         sched = {
@@ -371,15 +364,12 @@ class Trainer:
         return teacher_logits if self.cfg.warp_teacher_logits else teacher_logits.softmax(1)
 
     def _warped_kl(self, student: torch.Tensor, target: torch.Tensor, params, size) -> torch.Tensor:
-        """The fused consistency loss; stride-4 logits are upsampled to ``size`` (on the fly
-        when ``tpswarp.warped_kl_div`` takes ``size``, else explicitly: the same value)."""
+        """The fused consistency loss; stride-4 logits are upsampled to ``size`` on the fly
+        (``size=``: as F.interpolate bilinear, without the full-resolution tensors)."""
         logits = self.cfg.warp_teacher_logits
         if tuple(student.shape[-2:]) != tuple(size):
-            if self._kl_size:
-                return tpswarp.warped_kl_div(student, target, params.src, params.tps, teacher_is_logits=logits,
-                                             align_corners=self.phtps.align_corners, size=tuple(size))
-            student = F.interpolate(student, size=size, mode="bilinear", align_corners=False)
-            target = F.interpolate(target, size=size, mode="bilinear", align_corners=False)
+            return tpswarp.warped_kl_div(student, target, params.src, params.tps, teacher_is_logits=logits,
+                                         align_corners=self.phtps.align_corners, size=tuple(size))
         return self.phtps.consistency_loss(student, target, params, teacher_is_logits=logits)
 
     def _consistency(self, xu: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, float]:
