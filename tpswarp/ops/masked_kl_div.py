@@ -39,9 +39,10 @@ def masked_kl_div(
             align_corners=False)`` in the compute dtype (identity at their own size), then
             the loss above is taken at ``(H, W)``. The fused kernels read the low-resolution
             inputs through the interpolation taps: no ``(B, C, H, W)`` tensor is created
-            besides the gradients of the inputs (which have the inputs' shapes). On the C++
-            CPU backend both gradients (student, and teacher for two-way consistency) are
-            fused: per-output-pixel statistics, then a deterministic gather per input pixel.
+            besides the gradients of the inputs (which have the inputs' shapes). On every
+            backend (C++ CPU, CUDA, Triton) both gradients (student, and teacher for two-way
+            consistency) are fused: per-output-pixel statistics, then a deterministic gather
+            per input pixel.
 
     Returns:
         The loss, float32 (float64 if an input is float64); half inputs are computed in

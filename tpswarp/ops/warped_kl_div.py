@@ -42,11 +42,12 @@ def warped_kl_div(
             there: ``warped_kl_div(interp(student), interp(teacher), src, params, ...)``.
             ``reduction="none"`` gives ``(B, H, W)``. The fused kernels read the inputs through
             the interpolation taps (no ``(B, C, H, W)`` tensor besides the input gradients).
-            On the C++ CPU backend the student gradient is fused (per-output-pixel statistics,
-            then a deterministic gather per input pixel); the gradients to ``teacher``, ``src``
-            and ``params`` with ``size`` are composed as the reference's VJP (the inputs
-            resized with ``upsample_bilinear2d``, the full-resolution backward, then the
-            upsample's backward), which allocates ``(B, C, H, W)`` tensors.
+            On every backend (C++ CPU, CUDA, Triton) the student gradient is fused
+            (per-output-pixel statistics, then a deterministic gather per input pixel); the
+            gradients to ``teacher``, ``src`` and ``params`` with ``size`` are composed (the
+            inputs resized, the full-resolution backward, then the resize's backward), which
+            allocates ``(B, C, H, W)`` tensors; on CUDA the teacher part uses atomics and
+            raises under ``torch.use_deterministic_algorithms(True)``.
 
     Returns:
         The loss, float32 (float64 for float64 inputs). Differentiable w.r.t.
