@@ -511,6 +511,51 @@ def test_kl_size_bad_size(op):
         ctx.__exit__(None, None, None)
 
 
+def _direct_bad_calls():
+    """(id, call, exception, pattern): torch.ops called directly on CUDA tensors with one bad argument."""
+    ops = torch.ops.tpswarp
+    src, _, params = tps(2, F32, seed=4)
+    img = randn(2, 3, 6, 7)
+    s, t = randn(2, 5, 6, 7), rand(2, 5, 6, 7)
+    bright, sat, hue, con = rand(2), rand(2) + 0.5, rand(2) - 0.5, rand(2) + 0.5
+    perm = torch.tensor([[0, 1, 2], [2, 0, 1]], device=DEV)
+    return [
+        ("tps_solve-reg", lambda: ops.tps_solve(src, src, -1.0, True), ValueError, "`reg`"),
+        ("tps_solve-points", lambda: ops.tps_solve(src[:, :2], src[:, :2], 0.0, True), ValueError, "at least 3"),
+        ("tps_transform-params", lambda: ops.tps_transform(src, src, params[:, :-1]), ValueError, "`params`"),
+        ("tps_warp-mode", lambda: ops.tps_warp(img, src, params, "bicubic", "zeros", False, 0.0, None),
+         ValueError, "`mode`"),
+        ("tps_warp-size", lambda: ops.tps_warp(img, src, params, "bilinear", "zeros", False, 0.0, [0, 5]),
+         ValueError, "`size`"),
+        ("tps_warp-params", lambda: ops.tps_warp(img, src, params[:1], "bilinear", "zeros", False, 0.0, None),
+         ValueError, "`params`"),
+        ("photometric_jitter-permutation", lambda: ops.photometric_jitter(img, bright, sat, hue, con, perm.int(), False),
+         TypeError, "`permutation`"),
+        ("masked_kl_div-teacher", lambda: ops.masked_kl_div(s, t[:, :4], None, False, "mean", None),
+         ValueError, "`teacher`"),
+        ("masked_kl_div-reduction", lambda: ops.masked_kl_div(s, t, None, False, "avg", None),
+         ValueError, "`reduction`"),
+        ("masked_kl_div-size", lambda: ops.masked_kl_div(s, t, None, False, "mean", [5]), ValueError, "`size`"),
+        ("warped_kl_div-teacher", lambda: ops.warped_kl_div(s, t[:, :4], src, params, False, False, "mean", None),
+         ValueError, "`teacher`"),
+        ("warped_kl_div-size", lambda: ops.warped_kl_div(s, t, src, params, False, False, "mean", [-1, 3]),
+         ValueError, "`size`"),
+    ]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _direct_bad_calls()] if torch.cuda.is_available() else [])
+def test_cuda_kernels_reject_bad_arguments(case):
+    """Every check in the CUDA kernels raises a Python exception naming the argument (no crash)."""
+    _, call, exc, pattern = next(c for c in _direct_bad_calls() if c[0] == case)
+    op = case.split("-")[0]
+    ctx = use("cpp", op)
+    try:
+        with pytest.raises(exc, match=pattern):
+            call()
+    finally:
+        ctx.__exit__(None, None, None)
+
+
 def _public_size_supported(op):
     import inspect
     return "size" in inspect.signature(getattr(tpswarp, op)).parameters
