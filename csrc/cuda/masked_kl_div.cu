@@ -30,6 +30,7 @@
 #include "tpswarp/kl_args.h"
 #include "tpswarp/kl_regs.cuh"
 #include "tpswarp/kl_resize.cuh"
+#include "tpswarp/show.h"
 
 namespace tpswarp {
 namespace {
@@ -111,8 +112,8 @@ int blocks_for(int64_t total) {
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
   check_kl_tensor(student, "student_logits", kOp);
   check_kl_tensor(teacher, "teacher", kOp);
-  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), kOp, ": `teacher` ", teacher.sizes(),
-                    " must have the shape of `student_logits` ", student.sizes());
+  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), kOp, ": `teacher` ", show(teacher.sizes()),
+                    " must have the shape of `student_logits` ", show(student.sizes()));
   TORCH_CHECK(student.device() == teacher.device(), kOp, ": `teacher` is on ", teacher.device(),
               " but `student_logits` is on ", student.device());
 }
@@ -206,14 +207,14 @@ SizedInputs prepare_sized(const at::Tensor& student, const at::Tensor& teacher, 
   check_kl_tensor(student, "student_logits", kOp);
   check_kl_tensor(teacher, "teacher", kOp);
   TORCH_CHECK_VALUE(size.size() == 2 && size[0] > 0 && size[1] > 0, kOp,
-                    ": `size` must be None or a pair of positive ints (H, W), got ", size);
+                    ": `size` must be None or a pair of positive ints (H, W), got ", show(size));
   TORCH_CHECK_VALUE(student.dim() == 4 && teacher.dim() == 4, kOp,
-                    ": with `size`, `student_logits` and `teacher` must be 4-D (B, C, H, W), got ", student.sizes(),
-                    " and ", teacher.sizes());
+                    ": with `size`, `student_logits` and `teacher` must be 4-D (B, C, H, W), got ", show(student.sizes()),
+                    " and ", show(teacher.sizes()));
   TORCH_CHECK_VALUE(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1), kOp, ": `teacher` ",
-                    teacher.sizes(), " and `student_logits` ", student.sizes(), " must agree in batch size and classes");
+                    show(teacher.sizes()), " and `student_logits` ", show(student.sizes()), " must agree in batch size and classes");
   TORCH_CHECK_VALUE(student.size(2) > 0 && student.size(3) > 0 && teacher.size(2) > 0 && teacher.size(3) > 0, kOp,
-                    ": with `size`, `student_logits` ", student.sizes(), " and `teacher` ", teacher.sizes(),
+                    ": with `size`, `student_logits` ", show(student.sizes()), " and `teacher` ", show(teacher.sizes()),
                     " must have nonzero height and width");
   TORCH_CHECK(student.device() == teacher.device(), kOp, ": `teacher` is on ", teacher.device(),
               " but `student_logits` is on ", student.device());
@@ -233,8 +234,8 @@ SizedInputs prepare_sized(const at::Tensor& student, const at::Tensor& teacher, 
                 student.device());
     const bool plain = m.dim() == 3 && m.size(0) == B && m.size(1) == H && m.size(2) == W;
     const bool keep = m.dim() == 4 && m.size(0) == B && m.size(1) == 1 && m.size(2) == H && m.size(3) == W;
-    TORCH_CHECK_VALUE(plain || keep, kOp, ": with `size` (", H, ", ", W,
-                      "), `mask` must have shape (B, H, W) or (B, 1, H, W) at the output size, got ", m.sizes());
+    TORCH_CHECK_VALUE(plain || keep, kOp, ": with `size` (", show(H), ", ", show(W),
+                      "), `mask` must have shape (B, H, W) or (B, 1, H, W) at the output size, got ", show(m.sizes()));
     p.weights = m.reshape({B, H * W}).to(p.dtype).contiguous();
   }
   return p;

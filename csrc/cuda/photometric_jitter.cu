@@ -27,6 +27,7 @@
 #include <limits>
 
 #include "tpswarp/hsv.h"
+#include "tpswarp/show.h"
 
 namespace tpswarp {
 namespace {
@@ -294,15 +295,15 @@ void check_inputs(const at::Tensor& image, const at::Tensor& brightness, const a
   TORCH_CHECK_TYPE(at::isFloatingType(image.scalar_type()), kOp, ": `image` must have a floating dtype, got ",
                    image.scalar_type());
   TORCH_CHECK_VALUE(image.dim() == 4 && image.size(1) == 3, kOp, ": `image` must have shape (B, 3, H, W) RGB, got ",
-                    image.sizes());
+                    show(image.sizes()));
   const int64_t B = image.size(0);
   const std::array<std::pair<const char*, const at::Tensor*>, 4> params{
       {{"brightness", &brightness}, {"saturation", &saturation}, {"hue", &hue}, {"contrast", &contrast}}};
   for (const auto& [name, p] : params) {
     TORCH_CHECK_TYPE(at::isFloatingType(p->scalar_type()), kOp, ": `", name, "` must have a floating dtype, got ",
                      p->scalar_type());
-    TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == B, kOp, ": `", name, "` must have shape (B,) = (", B,
-                      ",), one value per image, got ", p->sizes());
+    TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == B, kOp, ": `", name, "` must have shape (B,) = (", show(B),
+                      ",), one value per image, got ", show(p->sizes()));
     TORCH_CHECK(p->device() == image.device(), kOp, ": `", name, "` is on ", p->device(), " but `image` is on ",
                 image.device());
   }
@@ -310,7 +311,7 @@ void check_inputs(const at::Tensor& image, const at::Tensor& brightness, const a
     const auto& perm = *permutation;
     TORCH_CHECK_TYPE(perm.scalar_type() == at::kLong, kOp, ": `permutation` must be int64, got ", perm.scalar_type());
     TORCH_CHECK_VALUE(perm.dim() == 2 && perm.size(0) == B && perm.size(1) == 3, kOp,
-                      ": `permutation` must have shape (B, 3) = (", B, ", 3), got ", perm.sizes());
+                      ": `permutation` must have shape (B, 3) = (", show(B), ", 3), got ", show(perm.sizes()));
     TORCH_CHECK(perm.device() == image.device(), kOp, ": `permutation` is on ", perm.device(), " but `image` is on ",
                 image.device());
   }
@@ -361,7 +362,7 @@ template <typename acc> ParamPtrs<acc> param_ptrs(const std::array<at::Tensor, 4
 dim3 grid_for(int64_t HW, int vec, int64_t B) {
   const int64_t groups = (HW + vec - 1) / vec;
   const int64_t bx = (groups + kThreads - 1) / kThreads;
-  TORCH_CHECK(bx <= std::numeric_limits<int>::max(), kOp, ": `image` has too many pixels per image (", HW, ")");
+  TORCH_CHECK(bx <= std::numeric_limits<int>::max(), kOp, ": `image` has too many pixels per image (", show(HW), ")");
   return dim3(static_cast<unsigned>(bx), static_cast<unsigned>(std::min<int64_t>(B, kMaxGridY)));
 }
 
@@ -428,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> photometr
     std::array<bool, 5> output_mask) {
   check_inputs(image, brightness, saturation, hue, contrast, permutation);
   TORCH_CHECK_VALUE(grad_out.sizes() == image.sizes(), kOp, ": `grad_out` must have the shape of `image` ",
-                    image.sizes(), ", got ", grad_out.sizes());
+                    show(image.sizes()), ", got ", show(grad_out.sizes()));
   TORCH_CHECK(grad_out.device() == image.device(), kOp, ": `grad_out` is on ", grad_out.device(),
               " but `image` is on ", image.device());
   c10::cuda::CUDAGuard guard(image.device());

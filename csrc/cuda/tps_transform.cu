@@ -16,6 +16,7 @@
 #include "tpswarp/tps.h"
 #include "tpswarp/tps_args.h"
 #include "tpswarp/tps_solve.h"
+#include "tpswarp/show.h"
 
 namespace tpswarp {
 namespace {
@@ -212,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_transform_backward_cuda(const
   const int n = static_cast<int>(src.size(1));
   check_tps_float(grad_out, "grad_out", op);
   TORCH_CHECK_VALUE(grad_out.dim() == 3 && grad_out.size(0) == B && grad_out.size(1) == m && grad_out.size(2) == 2, op,
-                    ": `grad_out` must have shape ", points.sizes(), ", got ", grad_out.sizes());
+                    ": `grad_out` must have shape ", show(points.sizes()), ", got ", show(grad_out.sizes()));
   check_same_device(points, "points", grad_out, "grad_out", op);
 
   at::Tensor grad_points = output_mask[0] ? at::empty({B, m, 2}, points.options()) : at::empty({0}, points.options());
@@ -236,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_transform_backward_cuda(const
   } else {
     const auto go = grad_out.to(in.out_dtype);  // no copy in the usual case
     const int64_t nblk = (m + kThreads - 1) / kThreads;
-    TORCH_CHECK(nblk <= int64_t(0x7fffffff), op, ": too many points, m = ", m);
+    TORCH_CHECK(nblk <= int64_t(0x7fffffff), op, ": too many points, m = ", show(m));
     const dim3 grid(static_cast<unsigned>(nblk), static_cast<unsigned>(std::min(B, kMaxGridY)));
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.points.scalar_type(), "tps_transform_backward_cuda", [&] {

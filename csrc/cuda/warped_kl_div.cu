@@ -47,6 +47,7 @@
 #include "tpswarp/sampling.h"
 #include "tpswarp/tps.h"
 #include "tpswarp/tps_args.h"
+#include "tpswarp/show.h"
 
 namespace tpswarp {
 namespace {
@@ -223,16 +224,16 @@ Prepared prepare(const at::Tensor& student, const at::Tensor& teacher, const at:
                  bool teacher_is_logits, bool align_corners, c10::string_view reduction) {
   check_kl_tensor(student, "student_logits", kOp);
   check_kl_tensor(teacher, "teacher", kOp);
-  TORCH_CHECK_VALUE(student.dim() == 4, kOp, ": `student_logits` must be 4-D (B, C, H, W), got ", student.sizes());
-  TORCH_CHECK_VALUE(teacher.dim() == 4, kOp, ": `teacher` must be 4-D (B, C, H, W), got ", teacher.sizes());
+  TORCH_CHECK_VALUE(student.dim() == 4, kOp, ": `student_logits` must be 4-D (B, C, H, W), got ", show(student.sizes()));
+  TORCH_CHECK_VALUE(teacher.dim() == 4, kOp, ": `teacher` must be 4-D (B, C, H, W), got ", show(teacher.sizes()));
   TORCH_CHECK_VALUE(teacher.size(0) == student.size(0) && teacher.size(1) == student.size(1), kOp, ": `teacher` ",
-                    teacher.sizes(), " and `student_logits` ", student.sizes(),
+                    show(teacher.sizes()), " and `student_logits` ", show(student.sizes()),
                     " must agree in batch size and classes");
   check_tps_params_args(src, params, student.size(0), kOp);
   check_same_device(student, "student_logits", teacher, "teacher", kOp);
   check_same_device(student, "student_logits", src, "src", kOp);
   TORCH_CHECK_VALUE(student.size(0) <= 65535, kOp, ": the CUDA kernels support at most 65535 batch items, got ",
-                    student.size(0));
+                    show(student.size(0)));
   Prepared p;
   p.g = {student.size(0), student.size(1), student.size(2), student.size(3), teacher.size(2), teacher.size(3),
          src.size(1), teacher_is_logits, align_corners};
@@ -306,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
   auto p = prepare(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
   const bool need_coords = output_mask[2] || output_mask[3];
   TORCH_CHECK_VALUE(!need_coords || p.g.n <= kMaxPoints, kOp, ": the CUDA backward to `src`/`params` supports at most ",
-                    kMaxPoints, " control points, got n=", p.g.n, "; use the reference backend for more");
+                    show(kMaxPoints), " control points, got n=", show(p.g.n), "; use the reference backend for more");
   if (output_mask[1]) at::globalContext().alertNotDeterministic("warped_kl_div_backward_cuda (teacher gradient)");
   auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };
   at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : placeholder(student_logits);
@@ -490,14 +491,14 @@ SizedPrepared prepare_sized(const at::Tensor& student, const at::Tensor& teacher
                             const at::Tensor& params, bool teacher_is_logits, bool align_corners,
                             c10::string_view reduction, at::IntArrayRef size) {
   TORCH_CHECK_VALUE(size.size() == 2 && size[0] > 0 && size[1] > 0, kOp,
-                    ": `size` must be None or a pair of positive ints (H, W), got ", size);
+                    ": `size` must be None or a pair of positive ints (H, W), got ", show(size));
   TORCH_CHECK_VALUE(size[0] <= (int64_t(1) << 24) && size[1] <= (int64_t(1) << 24), kOp,
-                    ": `size` must be at most 2^24 in each dimension, got ", size);
+                    ": `size` must be at most 2^24 in each dimension, got ", show(size));
   SizedPrepared r;
   r.p = prepare(student, teacher, src, params, teacher_is_logits, align_corners, reduction);
   r.d = {student.size(2), student.size(3), teacher.size(2), teacher.size(3)};
   TORCH_CHECK_VALUE(r.d.hs > 0 && r.d.ws > 0 && r.d.ht > 0 && r.d.wt > 0, kOp, ": with `size`, `student_logits` ",
-                    student.sizes(), " and `teacher` ", teacher.sizes(), " must have nonzero height and width");
+                    show(student.sizes()), " and `teacher` ", show(teacher.sizes()), " must have nonzero height and width");
   // the loss lives on the (H, W) grid, and the warp reads the teacher resized to (H, W)
   r.p.g.H = r.p.g.Ht = size[0];
   r.p.g.W = r.p.g.Wt = size[1];

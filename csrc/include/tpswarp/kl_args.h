@@ -12,6 +12,7 @@
 #include <string>
 
 #include "tpswarp/common.h"
+#include "tpswarp/show.h"
 
 namespace tpswarp {
 
@@ -30,7 +31,7 @@ inline at::ScalarType kl_compute_dtype(const at::Tensor& a, const at::Tensor& b)
 inline void check_kl_tensor(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": `", name, "` must have a floating dtype, got ",
                    t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() >= 2, op, ": `", name, "` must have shape (B, C, *spatial), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() >= 2, op, ": `", name, "` must have shape (B, C, *spatial), got ", show(t.sizes()));
 }
 
 // (B, *spatial) or (B, 1, *spatial) mask -> (B, N) weights of the compute dtype, or undefined.
@@ -48,7 +49,7 @@ inline at::Tensor kl_weights(const std::optional<at::Tensor>& mask, const at::Te
   const bool plain = m.dim() == student.dim() - 1 && m.size(0) == B && m.sizes().slice(1) == spatial;
   const bool keep = m.dim() == student.dim() && m.size(0) == B && m.size(1) == 1 && m.sizes().slice(2) == spatial;
   TORCH_CHECK_VALUE(plain || keep, op, ": `mask` must have shape (B, *spatial) or (B, 1, *spatial) for logits of shape ",
-                    student.sizes(), ", got ", m.sizes());
+                    show(student.sizes()), ", got ", show(m.sizes()));
   return m.reshape({B, N}).to(dtype).contiguous();
 }
 

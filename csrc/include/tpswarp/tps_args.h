@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "tpswarp/tps_solve.h"
+#include "tpswarp/show.h"
 
 namespace tpswarp {
 
@@ -24,7 +25,7 @@ inline void check_tps_float(const at::Tensor& t, const char* name, const char* o
 
 inline void check_tps_points(const at::Tensor& t, const char* name, const char* op) {
   check_tps_float(t, name, op);
-  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(2) == 2, op, ": `", name, "` must have shape (B, n, 2), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(2) == 2, op, ": `", name, "` must have shape (B, n, 2), got ", show(t.sizes()));
 }
 
 inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
@@ -36,13 +37,13 @@ inline void check_same_device(const at::Tensor& a, const char* a_name, const at:
 inline void check_tps_solve_args(const at::Tensor& src, const at::Tensor& dst, double reg, const char* op) {
   check_tps_points(src, "src", op);
   check_tps_points(dst, "dst", op);
-  TORCH_CHECK_VALUE(src.sizes() == dst.sizes(), op, ": `src` ", src.sizes(), " and `dst` ", dst.sizes(),
+  TORCH_CHECK_VALUE(src.sizes() == dst.sizes(), op, ": `src` ", show(src.sizes()), " and `dst` ", show(dst.sizes()),
                     " must have the same shape");
-  TORCH_CHECK_VALUE(src.size(1) >= 3, op, ": need at least 3 control points, `src` has n=", src.size(1));
-  TORCH_CHECK_VALUE(src.size(1) <= (int64_t(1) << 20), op, ": `src` has n=", src.size(1),
+  TORCH_CHECK_VALUE(src.size(1) >= 3, op, ": need at least 3 control points, `src` has n=", show(src.size(1)));
+  TORCH_CHECK_VALUE(src.size(1) <= (int64_t(1) << 20), op, ": `src` has n=", show(src.size(1)),
                     " control points; at most 2^20 are supported");
   check_same_device(src, "src", dst, "dst", op);
-  TORCH_CHECK_VALUE(reg >= 0.0, op, ": `reg` must be a non-negative number, got ", reg);
+  TORCH_CHECK_VALUE(reg >= 0.0, op, ": `reg` must be a non-negative number, got ", show(reg));
 }
 
 inline void check_tps_params_args(const at::Tensor& src, const at::Tensor& params, int64_t batch, const char* op,
@@ -51,12 +52,12 @@ inline void check_tps_params_args(const at::Tensor& src, const at::Tensor& param
   check_tps_float(params, name, op);
   const int64_t n = src.size(1);
   TORCH_CHECK_VALUE(params.dim() == 3 && params.size(1) == n + 3 && params.size(2) == 2, op, ": `", name,
-                    "` must have shape (B, n + 3, 2) = (", src.size(0), ", ", n + 3, ", 2) for `src` ", src.sizes(),
-                    ", got ", params.sizes());
-  TORCH_CHECK_VALUE(src.size(0) == batch, op, ": batch size mismatch: `src` has ", src.size(0), " items, expected ",
-                    batch);
-  TORCH_CHECK_VALUE(params.size(0) == batch, op, ": batch size mismatch: `", name, "` has ", params.size(0),
-                    " items, expected ", batch);
+                    "` must have shape (B, n + 3, 2) = (", show(src.size(0)), ", ", show(n + 3), ", 2) for `src` ", show(src.sizes()),
+                    ", got ", show(params.sizes()));
+  TORCH_CHECK_VALUE(src.size(0) == batch, op, ": batch size mismatch: `src` has ", show(src.size(0)), " items, expected ",
+                    show(batch));
+  TORCH_CHECK_VALUE(params.size(0) == batch, op, ": batch size mismatch: `", name, "` has ", show(params.size(0)),
+                    " items, expected ", show(batch));
   check_same_device(src, "src", params, name, op);
 }
 
@@ -71,7 +72,7 @@ inline at::ScalarType tps_compute_dtype(std::initializer_list<at::ScalarType> dt
 inline std::string tps_item_list(const std::vector<int64_t>& items) {
   std::ostringstream os;
   os << "[";
-  for (size_t i = 0; i < items.size() && i < 8; ++i) os << (i ? ", " : "") << items[i];
+  for (size_t i = 0; i < items.size() && i < 8; ++i) os << (i ? ", " : "") << show(items[i]);
   os << "]";
   return os.str();
 }

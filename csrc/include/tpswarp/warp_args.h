@@ -13,6 +13,7 @@
 
 #include "tpswarp/sampling.h"
 #include "tpswarp/tps_args.h"
+#include "tpswarp/show.h"
 
 namespace tpswarp {
 
@@ -44,7 +45,7 @@ struct WarpConfig {
 inline WarpConfig warp_config(const at::Tensor& image, const at::Tensor& src, const at::Tensor& params,
                               c10::string_view mode, c10::string_view padding_mode, bool align_corners, double fill,
                               at::OptionalIntArrayRef size, const char* op) {
-  TORCH_CHECK_VALUE(image.dim() == 4, op, ": `image` must be 4-D (B, C, H, W), got shape ", image.sizes());
+  TORCH_CHECK_VALUE(image.dim() == 4, op, ": `image` must be 4-D (B, C, H, W), got shape ", show(image.sizes()));
   WarpConfig cfg;
   cfg.mode = parse_interp(mode, op);
   cfg.padding = parse_padding(padding_mode, op);
@@ -69,7 +70,7 @@ inline WarpConfig warp_config(const at::Tensor& image, const at::Tensor& src, co
   if (size.has_value()) {
     const auto s = *size;
     TORCH_CHECK_VALUE(s.size() == 2 && s[0] > 0 && s[1] > 0, op,
-                      ": `size` must be None or a pair of positive ints (H, W), got ", s);
+                      ": `size` must be None or a pair of positive ints (H, W), got ", show(s));
     cfg.Ho = s[0];
     cfg.Wo = s[1];
   } else {
@@ -78,9 +79,9 @@ inline WarpConfig warp_config(const at::Tensor& image, const at::Tensor& src, co
   }
   constexpr int64_t kMaxSide = int64_t(1) << 24;  // tap indices are int, and exact in float
   TORCH_CHECK_VALUE(cfg.H <= kMaxSide && cfg.W <= kMaxSide, op, ": `image` height and width must be at most 2^24, got ",
-                    image.sizes());
+                    show(image.sizes()));
   TORCH_CHECK_VALUE(cfg.B * cfg.Ho * cfg.Wo == 0 || cfg.C == 0 || (cfg.H > 0 && cfg.W > 0), op,
-                    ": `image` has zero height or width (shape ", image.sizes(), "): there is nothing to sample");
+                    ": `image` has zero height or width (shape ", show(image.sizes()), "): there is nothing to sample");
   return cfg;
 }
 
