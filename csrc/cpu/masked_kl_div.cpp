@@ -15,6 +15,7 @@
 #include "tpswarp/cpu_kl_resize.h"
 #include "tpswarp/kl.h"
 #include "tpswarp/kl_args.h"
+#include "tpswarp/show.h"
 
 namespace tpswarp {
 namespace {
@@ -24,8 +25,8 @@ constexpr const char* kOp = "masked_kl_div";
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
   check_kl_tensor(student, "student_logits", kOp);
   check_kl_tensor(teacher, "teacher", kOp);
-  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), kOp, ": `teacher` ", teacher.sizes(),
-                    " must have the shape of `student_logits` ", student.sizes());
+  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), kOp, ": `teacher` ", show(teacher.sizes()),
+                    " must have the shape of `student_logits` ", show(student.sizes()));
   TORCH_CHECK(student.device() == teacher.device(), kOp, ": `teacher` is on ", teacher.device(),
               " but `student_logits` is on ", student.device());
 }
@@ -84,7 +85,7 @@ at::Tensor sized_weights(const std::optional<at::Tensor>& mask, const Sized& z, 
   const bool plain = m.dim() == 3 && m.size(0) == z.B && m.size(1) == z.H && m.size(2) == z.W;
   const bool keep = m.dim() == 4 && m.size(0) == z.B && m.size(1) == 1 && m.size(2) == z.H && m.size(3) == z.W;
   TORCH_CHECK_VALUE(plain || keep, kOp, ": `mask` must have shape (B, H, W) or (B, 1, H, W) at the output `size` (",
-                    z.H, ", ", z.W, "), got ", m.sizes());
+                    show(z.H), ", ", show(z.W), "), got ", show(m.sizes()));
   return m.reshape({z.B, z.H * z.W}).to(z.acc_dtype).contiguous();
 }
 

@@ -35,6 +35,7 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 #include "tpswarp/hsv.h"
+#include "tpswarp/show.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__AVX2__)
 #define TPSWARP_JITTER_AVX2_CLONE 1
@@ -55,15 +56,15 @@ void check_inputs(const at::Tensor& image, const at::Tensor& brightness, const a
   TORCH_CHECK_TYPE(at::isFloatingType(image.scalar_type()), kOp, ": `image` must have a floating dtype, got ",
                    image.scalar_type());
   TORCH_CHECK_VALUE(image.dim() == 4 && image.size(1) == 3, kOp, ": `image` must have shape (B, 3, H, W) RGB, got ",
-                    image.sizes());
+                    show(image.sizes()));
   const int64_t B = image.size(0);
   const std::array<std::pair<const char*, const at::Tensor*>, 4> params{
       {{"brightness", &brightness}, {"saturation", &saturation}, {"hue", &hue}, {"contrast", &contrast}}};
   for (const auto& [name, p] : params) {
     TORCH_CHECK_TYPE(at::isFloatingType(p->scalar_type()), kOp, ": `", name, "` must have a floating dtype, got ",
                      p->scalar_type());
-    TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == B, kOp, ": `", name, "` must have shape (B,) = (", B,
-                      ",), one value per image, got ", p->sizes());
+    TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == B, kOp, ": `", name, "` must have shape (B,) = (", show(B),
+                      ",), one value per image, got ", show(p->sizes()));
     TORCH_CHECK(p->device() == image.device(), kOp, ": `", name, "` is on ", p->device(), " but `image` is on ",
                 image.device());
   }
@@ -71,7 +72,7 @@ void check_inputs(const at::Tensor& image, const at::Tensor& brightness, const a
     const auto& perm = *permutation;
     TORCH_CHECK_TYPE(perm.scalar_type() == at::kLong, kOp, ": `permutation` must be int64, got ", perm.scalar_type());
     TORCH_CHECK_VALUE(perm.dim() == 2 && perm.size(0) == B && perm.size(1) == 3, kOp,
-                      ": `permutation` must have shape (B, 3) = (", B, ", 3), got ", perm.sizes());
+                      ": `permutation` must have shape (B, 3) = (", show(B), ", 3), got ", show(perm.sizes()));
     TORCH_CHECK(perm.device() == image.device(), kOp, ": `permutation` is on ", perm.device(), " but `image` is on ",
                 image.device());
   }
@@ -87,7 +88,7 @@ std::vector<std::array<int, 3>> read_permutation(const std::optional<at::Tensor>
   for (int64_t b = 0; b < perm.size(0); ++b) {
     const int64_t p0 = p[3 * b], p1 = p[3 * b + 1], p2 = p[3 * b + 2];
     TORCH_CHECK_VALUE(is_permutation3(p0, p1, p2), kOp, ": `permutation` rows must be permutations of (0, 1, 2); row ",
-                      b, " is [", p0, ", ", p1, ", ", p2, "]");
+                      show(b), " is [", show(p0), ", ", show(p1), ", ", show(p2), "]");
     rows[b] = {int(p0), int(p1), int(p2)};
   }
   return rows;
@@ -366,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> photometr
     std::array<bool, 5> output_mask) {
   check_inputs(image, brightness, saturation, hue, contrast, permutation);
   TORCH_CHECK_VALUE(grad_out.sizes() == image.sizes(), kOp, ": `grad_out` must have the shape of `image` ",
-                    image.sizes(), ", got ", grad_out.sizes());
+                    show(image.sizes()), ", got ", show(grad_out.sizes()));
   TORCH_CHECK(grad_out.device() == image.device(), kOp, ": `grad_out` is on ", grad_out.device(),
               " but `image` is on ", image.device());
   const auto perm = read_permutation(permutation);

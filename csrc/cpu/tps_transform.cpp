@@ -14,6 +14,7 @@
 #include "tpswarp/tps.h"
 #include "tpswarp/tps_args.h"
 #include "tpswarp/tps_solve.h"
+#include "tpswarp/show.h"
 
 namespace tpswarp {
 namespace {
@@ -164,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_transform_backward_cpu(const 
   const int64_t B = points.size(0), m = points.size(1), n = src.size(1);
   check_tps_float(grad_out, "grad_out", op);
   TORCH_CHECK_VALUE(grad_out.dim() == 3 && grad_out.size(0) == B && grad_out.size(1) == m && grad_out.size(2) == 2, op,
-                    ": `grad_out` must have shape ", points.sizes(), ", got ", grad_out.sizes());
+                    ": `grad_out` must have shape ", show(points.sizes()), ", got ", show(grad_out.sizes()));
   check_same_device(points, "points", grad_out, "grad_out", op);
 
   at::Tensor grad_points = output_mask[0] ? at::empty({B, m, 2}, points.options()) : at::empty({0}, points.options());

@@ -24,6 +24,7 @@
 #include "tpswarp/sampling.h"
 #include "tpswarp/tps.h"
 #include "tpswarp/tps_args.h"
+#include "tpswarp/show.h"
 
 namespace tpswarp {
 namespace {
@@ -43,10 +44,10 @@ Problem make_problem(const at::Tensor& student, const at::Tensor& teacher, const
                      const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction) {
   check_kl_tensor(student, "student_logits", kOp);
   check_kl_tensor(teacher, "teacher", kOp);
-  TORCH_CHECK_VALUE(student.dim() == 4, kOp, ": `student_logits` must be 4-D (B, C, H, W), got ", student.sizes());
-  TORCH_CHECK_VALUE(teacher.dim() == 4, kOp, ": `teacher` must be 4-D (B, C, H, W), got ", teacher.sizes());
+  TORCH_CHECK_VALUE(student.dim() == 4, kOp, ": `student_logits` must be 4-D (B, C, H, W), got ", show(student.sizes()));
+  TORCH_CHECK_VALUE(teacher.dim() == 4, kOp, ": `teacher` must be 4-D (B, C, H, W), got ", show(teacher.sizes()));
   TORCH_CHECK_VALUE(teacher.size(0) == student.size(0) && teacher.size(1) == student.size(1), kOp, ": `teacher` ",
-                    teacher.sizes(), " and `student_logits` ", student.sizes(),
+                    show(teacher.sizes()), " and `student_logits` ", show(student.sizes()),
                     " must agree in batch size and classes");
   check_tps_params_args(src, params, student.size(0), kOp);
   check_same_device(student, "student_logits", teacher, "teacher", kOp);

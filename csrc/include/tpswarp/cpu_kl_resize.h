@@ -18,6 +18,7 @@
 #include "tpswarp/cpu_kl_block.h"
 #include "tpswarp/kl.h"
 #include "tpswarp/upsample.h"
+#include "tpswarp/show.h"
 
 namespace tpswarp {
 namespace cpu {
@@ -26,17 +27,17 @@ namespace cpu {
 inline void check_kl_size(at::OptionalIntArrayRef size, const at::Tensor& student, const at::Tensor& teacher,
                           const char* op) {
   TORCH_CHECK_VALUE(size->size() == 2 && (*size)[0] > 0 && (*size)[1] > 0, op,
-                    ": `size` must be None or two positive ints (H, W), got ", *size);
+                    ": `size` must be None or two positive ints (H, W), got ", show(*size));
   TORCH_CHECK_VALUE(student.dim() == 4 && teacher.dim() == 4, op,
                     ": `size` needs 4-D (B, C, H, W) inputs (2-D spatial only), got `student_logits` ",
-                    student.sizes(), " and `teacher` ", teacher.sizes());
+                    show(student.sizes()), " and `teacher` ", show(teacher.sizes()));
   TORCH_CHECK_VALUE(teacher.size(0) == student.size(0) && teacher.size(1) == student.size(1), op, ": `teacher` ",
-                    teacher.sizes(), " and `student_logits` ", student.sizes(), " must agree in batch size and classes");
+                    show(teacher.sizes()), " and `student_logits` ", show(student.sizes()), " must agree in batch size and classes");
   TORCH_CHECK_VALUE(student.size(2) > 0 && student.size(3) > 0, op,
                     ": `student_logits` must have a non-empty spatial size to be resized to `size`, got ",
-                    student.sizes());
+                    show(student.sizes()));
   TORCH_CHECK_VALUE(teacher.size(2) > 0 && teacher.size(3) > 0, op,
-                    ": `teacher` must have a non-empty spatial size to be resized to `size`, got ", teacher.sizes());
+                    ": `teacher` must have a non-empty spatial size to be resized to `size`, got ", show(teacher.sizes()));
 }
 
 // The taps of one axis resized from `in` to `out`: per output index its two input taps, per input

@@ -1,11 +1,13 @@
-// Numbers and shapes as text for error messages, for code that nvcc compiles too.
+// Numbers and shapes as text for error messages, without a std::ostream.
 //
-// Pass show(x) instead of an integer, a float or an IntArrayRef to TORCH_CHECK* in any header
-// or source a .cu file includes. c10::str inserts its arguments into a std::ostream, and in host
-// code built by nvcc 13 with GCC 13's libstdc++ the numeric insertion (std::ostream::_M_insert<long>)
-// is instantiated inside the extension; that copy crashed (SIGSEGV instead of the error) on the
-// H100/H200 machines. Strings, ScalarType and Device insert fine; std::to_string and snprintf do not
-// go through a stream at all. The text is the same as c10's: "[2, 3, 4]", "5", "0.5".
+// Pass show(x) instead of an integer, a float or an IntArrayRef to TORCH_CHECK* (c10::str inserts
+// its arguments into a std::ostringstream). On the lent H100/H200 machines (PyTorch 2.11, g++ from
+// /opt/gcc) the extension's link put libstdc++'s stream instantiations into _C.so itself (weak
+// std::ostream::_M_insert<long>, <double>, ... that no object file defines; -Bsymbolic-functions
+// binds calls to them), and inserting a number into a stream then crashed the process (SIGSEGV) in
+// the C++ and the CUDA sources alike, instead of raising; strings, dtypes and devices inserted fine.
+// std::to_string and snprintf do not go through a stream. The text is c10's: "[2, 3, 4]", "5".
+// tests/test_error_messages_source.py checks every TORCH_CHECK in csrc/.
 #pragma once
 
 #include <c10/util/ArrayRef.h>

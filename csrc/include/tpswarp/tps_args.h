@@ -5,7 +5,6 @@
 #include <c10/core/ScalarType.h>
 
 #include <cmath>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -70,11 +69,9 @@ inline at::ScalarType tps_compute_dtype(std::initializer_list<at::ScalarType> dt
 }
 
 inline std::string tps_item_list(const std::vector<int64_t>& items) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < items.size() && i < 8; ++i) os << (i ? ", " : "") << show(items[i]);
-  os << "]";
-  return os.str();
+  std::string s = "[";
+  for (size_t i = 0; i < items.size() && i < 8; ++i) s += (i ? ", " : "") + show(items[i]);
+  return s + "]";
 }
 
 // Raises ValueError for the singular items of a batch, as the reference's raise_if_singular does
