@@ -24,6 +24,8 @@
 #include <array>
 #include <vector>
 
+#include "tpswarp/show.h"
+
 // The loops over the per-pixel math vectorize only if GCC may evaluate both sides of a select
 // (divisions "may trap" under the default -ftrapping-math, and GCC turns a division of selected
 // operands back into a conditional one). Nothing here reads the floating-point exception
@@ -35,7 +37,6 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 #include "tpswarp/hsv.h"
-#include "tpswarp/show.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__AVX2__)
 #define TPSWARP_JITTER_AVX2_CLONE 1

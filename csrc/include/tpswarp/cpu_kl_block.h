@@ -8,14 +8,28 @@
 #include "tpswarp/common.h"
 #include "tpswarp/cpu_fastmath.h"
 
+// The loops vectorize only if GCC may evaluate both sides of a select (the default
+// -ftrapping-math forbids it for arithmetic that "may trap"); nothing here reads the
+// floating-point exception flags, and no value changes (no reassociation, no contraction).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 namespace tpswarp {
 namespace cpu {
 
 constexpr int64_t kKLBlock = 64;
 
-// x86-64 builds get an AVX2+FMA clone chosen at load time; other targets the plain code.
+// x86-64 builds get an AVX2+FMA clone chosen at load time by CPU features; other targets the
+// plain code. (Not "arch=haswell": that clone is chosen by CPU model, so AMD and newer Intel
+// processors ran the baseline clone.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TPSWARP_CPU_CLONES __attribute__((noinline, target_clones("arch=haswell", "default")))
+#if __GNUC__ >= 12
+#define TPSWARP_CPU_CLONES __attribute__((noinline, target_clones("arch=x86-64-v3", "default")))
+#else
+#define TPSWARP_CPU_CLONES __attribute__((noinline, target_clones("avx2", "default")))
+#endif
 #else
 #define TPSWARP_CPU_CLONES
 #endif
@@ -120,3 +134,7 @@ TPSWARP_CPU_CLONES void kl_block_grad(const S* s, int64_t scs, const T* t, int64
 
 }  // namespace cpu
 }  // namespace tpswarp
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
