@@ -97,39 +97,49 @@ TPSWARP_CPU_CLONES void kl_block_stats(const S* s, int64_t scs, const T* t, int6
 
 // Gradients of scale[p] * KL_p (see kl_pixel_grad in tpswarp/kl.h). gs / gt may be null;
 // they are written with unit pixel stride and class strides gscs / gtcs. scale 0 writes 0.
-template <typename S, typename T, typename G, bool kLogits>
-TPSWARP_CPU_CLONES void kl_block_grad(const S* s, int64_t scs, const T* t, int64_t tcs, int64_t C, int64_t P,
-                          const KLBlockStats& st, const float* scale, G* gs, int64_t gscs, G* gt, int64_t gtcs) {
+// kGradT: whether gt is written (the teacher's gradient costs a logarithm per element).
+template <typename S, typename T, typename G, bool kLogits, bool kGradT>
+TPSWARP_FORCE_INLINE void kl_block_grad_impl(const S* s, int64_t scs, const T* t, int64_t tcs, int64_t C, int64_t P,
+                                             const KLBlockStats& st, const float* scale, G* gs, int64_t gscs, G* gt,
+                                             int64_t gtcs) {
   for (int64_t c = 0; c < C; ++c) {
     const S* sc = s + c * scs;
     const T* tc = t + c * tcs;
     G* gsc = gs ? gs + c * gscs : nullptr;
-    G* gtc = gt ? gt + c * gtcs : nullptr;
+    G* gtc = kGradT ? gt + c * gtcs : nullptr;
     float gsv[kKLBlock], gtv[kKLBlock];
 #pragma omp simd
     for (int64_t p = 0; p < P; ++p) {
       const float log_q = static_cast<float>(sc[p]) - st.s_max[p] - st.log_zs[p];
       const float q = fast_exp(log_q);
       const float tv = static_cast<float>(tc[p]);
-      float pr, log_p, g_t;
+      const float k = scale[p];
+      float pr;
       if (kLogits) {
-        log_p = tv - st.t_max[p] - st.log_zt[p];
+        const float log_p = tv - st.t_max[p] - st.log_zt[p];
         pr = fast_exp(log_p);
-        g_t = pr * ((log_p - log_q) - st.kl[p]);
+        if (kGradT) gtv[p] = k != 0.f ? k * (pr * ((log_p - log_q) - st.kl[p])) : 0.f;
       } else {
         pr = tv;
-        log_p = fast_log(tv);
-        g_t = (tv > 0.f ? log_p + 1.f : 0.f) - log_q;
+        if (kGradT) gtv[p] = k != 0.f ? k * ((tv > 0.f ? fast_log(tv) + 1.f : 0.f) - log_q) : 0.f;
       }
-      const float k = scale[p];
       gsv[p] = k != 0.f ? k * (q * st.p_sum[p] - pr) : 0.f;
-      gtv[p] = k != 0.f ? k * g_t : 0.f;
     }
     if (gsc)
       for (int64_t p = 0; p < P; ++p) gsc[p] = static_cast<G>(gsv[p]);
-    if (gtc)
+    if (kGradT)
       for (int64_t p = 0; p < P; ++p) gtc[p] = static_cast<G>(gtv[p]);
   }
+}
+
+template <typename S, typename T, typename G, bool kLogits>
+TPSWARP_CPU_CLONES void kl_block_grad(const S* s, int64_t scs, const T* t, int64_t tcs, int64_t C, int64_t P,
+                                      const KLBlockStats& st, const float* scale, G* gs, int64_t gscs, G* gt,
+                                      int64_t gtcs) {
+  if (gt)
+    kl_block_grad_impl<S, T, G, kLogits, true>(s, scs, t, tcs, C, P, st, scale, gs, gscs, gt, gtcs);
+  else
+    kl_block_grad_impl<S, T, G, kLogits, false>(s, scs, t, tcs, C, P, st, scale, gs, gscs, gt, gtcs);
 }
 
 }  // namespace cpu
