@@ -2,6 +2,7 @@
 TPSWARP_BACKEND variable, schemas, and the package without the compiled extension."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -244,3 +245,45 @@ def test_package_works_without_extension():
     # the Python-defined schemas (no extension) are the table's
     for name, schema in SCHEMAS.items():
         assert schemas[name] == "tpswarp::" + schema, name
+
+
+def _grads_of(op_name, backend, mode_cls=None):
+    from tpswarp.testing import random_tps
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 3, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(2, 3, 6, 7, generator=g, dtype=torch.float64)
+    src, dst, params = random_tps(2, generator=g, dtype=torch.float64)
+    params.requires_grad_(True)
+    jit = [torch.rand(2, generator=g, dtype=torch.float64) + 0.5 for _ in range(4)]
+    calls = {
+        "masked_kl_div": lambda: tpswarp.masked_kl_div(s, t),
+        "warped_kl_div": lambda: tpswarp.warped_kl_div(s, t, src, params),
+        "tps_warp": lambda: tpswarp.tps_warp(s, src, params)[0].square().sum(),
+        "photometric_jitter": lambda: tpswarp.photometric_jitter(s.sigmoid(), *jit).square().sum(),
+        "tps_solve": lambda: tpswarp.tps_solve(src, dst + params.sum() * 0).square().sum(),
+    }
+    with tpswarp.use_backend(backend), (mode_cls() if mode_cls else contextlib.nullcontext()):
+        loss = calls[op_name]()
+        return torch.autograd.grad(loss, (s, params), allow_unused=True)
+
+
+@pytest.mark.parametrize("op_name", ["masked_kl_div", "warped_kl_div", "tps_warp", "photometric_jitter", "tps_solve"])
+def test_reference_backward_under_a_dispatch_mode(op_name):
+    """The reference backend differentiates its forward with autograd inside the backward op; under a
+    TorchDispatchMode (memory trackers, FLOP counters) that op runs below the autograd keys."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    plain = _grads_of(op_name, "reference")
+    moded = _grads_of(op_name, "reference", Recorder)
+    assert any(op_name in name for name in seen)
+    for a, b in zip(plain, moded):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1,7 +1,8 @@
 """Helpers shared by the op modules: schema definition, empty gradients, reference VJPs."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -31,6 +32,28 @@ def no_grad_placeholder(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(0)
 
 
+_AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView,
+                  torch._C.DispatchKey.AutogradOther, torch._C.DispatchKey.AutogradNestedTensor)
+
+
+@contextlib.contextmanager
+def _autograd_dispatch() -> Iterator[None]:
+    """Re-enable autograd dispatch for the reference's own autograd pass.
+
+    Inside a ``TorchDispatchMode`` (a memory tracker, a FLOP counter, ...) the backward op is
+    reached below the autograd keys, which are then excluded for everything it calls; the
+    reference backward differentiates its forward with autograd and needs them back.
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    if not any(exclude.has(k) for k in _AUTOGRAD_KEYS):
+        yield
+        return
+    for k in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(k)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        yield
+
+
 def reference_vjp(fn: Callable, inputs: Sequence, grad: torch.Tensor, output_mask: Sequence[bool]) -> tuple:
     """Gradients of ``fn(*inputs)`` against ``grad`` by autograd through the reference.
 
@@ -46,7 +69,7 @@ def reference_vjp(fn: Callable, inputs: Sequence, grad: torch.Tensor, output_mas
         else:
             leaves.append(x.detach())
     wanted = [leaf for leaf, need in zip(leaves, output_mask) if need and leaf is not None]
-    with torch.enable_grad():
+    with torch.enable_grad(), _autograd_dispatch():
         out = fn(*leaves)
         grads = torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ()
     grads = iter(grads)
