@@ -26,6 +26,66 @@
 #include "tpswarp/tps_args.h"
 #include "tpswarp/show.h"
 
+// The float32 hot loops (TPS map of a block, gather of the warped teacher) in AVX2 clones
+// (tpswarp/cpu_kl_block.h), vectorizable only without -ftrapping-math (see cpu_fastmath.h).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+namespace tpswarp {
+namespace cpu {
+
+// f(q) for the pixels (qx[p], qy), p < P, as tps_eval<float> computes it (same order of operations)
+// but with the vectorizable logarithm of cpu_fastmath.h (about 1 ulp from std::log).
+TPSWARP_CPU_CLONES void warped_tps_block(const float* src, const float* params, int64_t n, float qy, const float* qx,
+                                         int64_t P, float* fx, float* fy) {
+  const float a0x = params[2 * n], a0y = params[2 * n + 1];
+  const float a1x = params[2 * n + 2], a1y = params[2 * n + 3];
+  const float a2x = params[2 * n + 4], a2y = params[2 * n + 5];
+  for (int64_t p = 0; p < P; ++p) {
+    fx[p] = a0x + a1x * qx[p] + a2x * qy;
+    fy[p] = a0y + a1y * qx[p] + a2y * qy;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float cx = src[2 * i], cy = src[2 * i + 1], wx = params[2 * i], wy = params[2 * i + 1];
+    const float dy = qy - cy;
+    for (int64_t p = 0; p < P; ++p) {
+      const float dx = qx[p] - cx;
+      const float r2 = dx * dx + dy * dy;
+      const float phi = r2 > 0.f ? 0.5f * r2 * fast_log(r2) : 0.f;
+      fx[p] += wx * phi;
+      fy[p] += wy * phi;
+    }
+  }
+}
+
+// tbuf[c * ld + p] = the bilinear sample (fill 0) of class plane c (planes `cs` apart) at the taps
+// (int32 offsets o.., weights w.., 0 for taps outside), as bilinear_combine computes it.
+TPSWARP_CPU_CLONES void warped_gather_taps(const float* plane0, int64_t cs, int64_t C, int64_t P, const int32_t* o00,
+                                           const int32_t* o10, const int32_t* o01, const int32_t* o11,
+                                           const float* w00, const float* w10, const float* w01, const float* w11,
+                                           float* tbuf, int64_t ld) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float* plane = plane0 + c * cs;
+    float* out = tbuf + c * ld;
+    for (int64_t p = 0; p < P; ++p) {
+      float v = w00[p] * plane[o00[p]];
+      v += w10[p] * plane[o10[p]];
+      v += w01[p] * plane[o01[p]];
+      v += w11[p] * plane[o11[p]];
+      out[p] = v + 0.f;
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace tpswarp
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
 namespace tpswarp {
 namespace {
 
@@ -83,21 +143,62 @@ template <typename scalar_t, typename acc>
 void locate_block(const Problem& pb, const acc* src_b, const acc* params_b, int64_t i, int64_t j0, Block<acc>& blk) {
   blk.P = std::min(kBlock, pb.W - j0);
   const acc qy = pixel_to_normalized<acc>(i, pb.H, pb.align_corners);
+  acc fx[kBlock], fy[kBlock];
+  if constexpr (std::is_same_v<acc, float>) {
+    for (int64_t p = 0; p < blk.P; ++p) blk.qx[p] = pixel_to_normalized<acc>(j0 + p, pb.W, pb.align_corners);
+    cpu::warped_tps_block(src_b, params_b, pb.n, qy, blk.qx, blk.P, fx, fy);
+  } else {
+    for (int64_t p = 0; p < blk.P; ++p) {
+      blk.qx[p] = pixel_to_normalized<acc>(j0 + p, pb.W, pb.align_corners);
+      const auto g = tps_eval<acc>(blk.qx[p], qy, src_b, params_b, pb.n);
+      fx[p] = g.x;
+      fy[p] = g.y;
+    }
+  }
   for (int64_t p = 0; p < blk.P; ++p) {
-    const acc qx = pixel_to_normalized<acc>(j0 + p, pb.W, pb.align_corners);
-    const auto g = tps_eval<acc>(qx, qy, src_b, params_b, pb.n);
+    const Vec2<acc> g{fx[p], fy[p]};
     const acc px = normalized_to_pixel(g.x, pb.Wt, pb.align_corners);
     const acc py = normalized_to_pixel(g.y, pb.Ht, pb.align_corners);
-    blk.qx[p] = qx;
     blk.qy[p] = qy;
     blk.valid[p] = in_pixel_hull<acc>(g.x, g.y, pb.Ht, pb.Wt, pb.align_corners) ? acc(1) : acc(0);
     blk.tap[p] = bilinear_tap<acc>(px, py, pb.Ht, pb.Wt);
   }
 }
 
+// True when the teacher's element offsets within one class plane fit int32 (the vectorized gather).
+bool plane_offsets_fit_int32(const Problem& pb, const int64_t* ts) {
+  const int64_t span = (pb.Ht - 1) * ts[2] + (pb.Wt - 1) * ts[3];
+  return ts[2] >= 0 && ts[3] >= 0 && span < (int64_t(1) << 31);
+}
+
 template <typename scalar_t, typename acc>
 void gather_block(const Problem& pb, const Block<acc>& blk, const scalar_t* student_b, const int64_t* ss,
                   const scalar_t* teacher_b, const int64_t* ts, int64_t i, int64_t j0, acc* sbuf, acc* tbuf) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc, float>) {
+    if (plane_offsets_fit_int32(pb, ts)) {
+      int32_t o[4][kBlock];
+      float w[4][kBlock];
+      const int32_t sh = static_cast<int32_t>(ts[2]), sw = static_cast<int32_t>(ts[3]);
+      for (int64_t p = 0; p < blk.P; ++p) {
+        const auto& t = blk.tap[p];
+        o[0][p] = t.y0 * sh + t.x0 * sw;
+        o[1][p] = t.y0 * sh + t.x1 * sw;
+        o[2][p] = t.y1 * sh + t.x0 * sw;
+        o[3][p] = t.y1 * sh + t.x1 * sw;
+        w[0][p] = t.w00;
+        w[1][p] = t.w10;
+        w[2][p] = t.w01;
+        w[3][p] = t.w11;
+      }
+      cpu::warped_gather_taps(teacher_b, ts[1], pb.C, blk.P, o[0], o[1], o[2], o[3], w[0], w[1], w[2], w[3], tbuf,
+                              kBlock);
+      for (int64_t c = 0; c < pb.C; ++c) {
+        const scalar_t* row = student_b + c * ss[1] + i * ss[2] + j0 * ss[3];
+        for (int64_t p = 0; p < blk.P; ++p) sbuf[c * kBlock + p] = row[p * ss[3]];
+      }
+      return;
+    }
+  }
   for (int64_t c = 0; c < pb.C; ++c) {
     const scalar_t* plane = teacher_b + c * ts[1];
     const scalar_t* row = student_b + c * ss[1] + i * ss[2] + j0 * ss[3];
@@ -217,6 +318,27 @@ void forward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t,
         wp[o + p] = blk.valid[p];
         klp[o + p] = blk.valid[p] != acc(0) ? out[p] : acc(0);
       }
+    }
+  });
+}
+
+// The validity weights alone (the mean's denominator of the backward): the TPS map and the hull
+// test, no gather and no KL.
+template <typename acc>
+void valid_pixels(const Problem& pb, const at::Tensor& src_acc, const at::Tensor& params_acc, at::Tensor& weights) {
+  const acc* srcp = src_acc.const_data_ptr<acc>();
+  const acc* parp = params_acc.const_data_ptr<acc>();
+  acc* wp = weights.mutable_data_ptr<acc>();
+  const int64_t blocks_per_row = (pb.W + kBlock - 1) / kBlock;
+  at::parallel_for(0, pb.B * pb.H * blocks_per_row, 16, [&](int64_t begin, int64_t end) {
+    Block<acc> blk;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (pb.H * blocks_per_row);
+      const int64_t i = (task / blocks_per_row) % pb.H;
+      const int64_t j0 = (task % blocks_per_row) * kBlock;
+      locate_block<float, acc>(pb, srcp + b * pb.n * 2, parp + b * (pb.n + 3) * 2, i, j0, blk);
+      const int64_t o = b * pb.H * pb.W + i * pb.W + j0;
+      for (int64_t p = 0; p < blk.P; ++p) wp[o + p] = blk.valid[p];
     }
   });
 }
@@ -477,21 +599,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
   auto src_acc = src.to(pb.acc_dtype).contiguous();
   auto params_acc = params.to(pb.acc_dtype).contiguous();
   // The validity weights first (the mean's denominator), then the gradients.
-  auto kl = at::zeros({pb.B, N}, student_logits.options().dtype(pb.acc_dtype));
-  auto weights = at::zeros({pb.B, N}, kl.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pb.in_dtype, "warped_kl_div_cpu_valid", [&] {
-    if (pb.acc_dtype == at::kDouble)
-      forward_pixels<scalar_t, double>(pb, s, t, src_acc, params_acc, kl, weights);
-    else
-      forward_pixels<scalar_t, float>(pb, s, t, src_acc, params_acc, kl, weights);
-  });
+  auto weights = at::empty({pb.B, N}, student_logits.options().dtype(pb.acc_dtype));
+  if (pb.acc_dtype == at::kDouble)
+    valid_pixels<double>(pb, src_acc, params_acc, weights);
+  else
+    valid_pixels<float>(pb, src_acc, params_acc, weights);
   auto factor = kl_grad_factor(grad_loss, weights, pb.reduction, pb.B, N, pb.acc_dtype);
 
   at::Tensor gs = output_mask[0] && grad_s.scalar_type() != pb.in_dtype
                       ? at::empty_like(grad_s, grad_s.options().dtype(pb.in_dtype))
                       : grad_s;
-  at::Tensor gt_acc = output_mask[1] ? at::zeros({pb.B, pb.C, pb.Ht, pb.Wt}, kl.options()) : at::Tensor();
-  at::Tensor partials = need_coords ? at::zeros({pb.B * pb.H, 2 * pb.n + 2 * (pb.n + 3)}, kl.options()) : at::Tensor();
+  at::Tensor gt_acc = output_mask[1] ? at::zeros({pb.B, pb.C, pb.Ht, pb.Wt}, weights.options()) : at::Tensor();
+  at::Tensor partials = need_coords ? at::zeros({pb.B * pb.H, 2 * pb.n + 2 * (pb.n + 3)}, weights.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pb.in_dtype, "warped_kl_div_backward_cpu", [&] {
     auto run = [&](auto acc_tag) {
       using acc = decltype(acc_tag);

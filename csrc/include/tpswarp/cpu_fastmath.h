@@ -17,7 +17,7 @@
 
 // The loops vectorize only if GCC may evaluate both sides of a select (the default
 // -ftrapping-math forbids it for arithmetic that "may trap"); nothing here reads the
-// floating-point exception flags, and no value changes (no reassociation, no contraction).
+// floating-point exception flags, and the pragma changes no value (it enables no reassociation).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")

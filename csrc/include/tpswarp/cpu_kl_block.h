@@ -10,7 +10,7 @@
 
 // The loops vectorize only if GCC may evaluate both sides of a select (the default
 // -ftrapping-math forbids it for arithmetic that "may trap"); nothing here reads the
-// floating-point exception flags, and no value changes (no reassociation, no contraction).
+// floating-point exception flags, and the pragma changes no value (it enables no reassociation).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
@@ -23,7 +23,8 @@ constexpr int64_t kKLBlock = 64;
 
 // x86-64 builds get an AVX2+FMA clone chosen at load time by CPU features; other targets the
 // plain code. (Not "arch=haswell": that clone is chosen by CPU model, so AMD and newer Intel
-// processors ran the baseline clone.)
+// processors ran the baseline clone.) The AVX2 clone may contract a * b + c into an FMA, so its
+// results can differ from the baseline clone's in the last bits; each clone is deterministic.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #if __GNUC__ >= 12
 #define TPSWARP_CPU_CLONES __attribute__((noinline, target_clones("arch=x86-64-v3", "default")))
