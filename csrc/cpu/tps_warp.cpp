@@ -41,12 +41,12 @@
 #include <vector>
 
 #include "tpswarp/sampling.h"
+#include "tpswarp/show.h"
 #include "tpswarp/tps.h"
 #include "tpswarp/warp_args.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
-#include "tpswarp/show.h"
 #define TPSWARP_X86_MULTIVERSION 1
 #define TPSWARP_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #else
@@ -1041,8 +1041,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cpu(
   const WarpConfig cfg = warp_config(image, src, params, mode, padding_mode, align_corners, fill, size, kOp);
   TORCH_CHECK_VALUE(grad_out_in.dim() == 4 && grad_out_in.size(0) == cfg.B && grad_out_in.size(1) == cfg.C &&
                         grad_out_in.size(2) == cfg.Ho && grad_out_in.size(3) == cfg.Wo,
-                    kOp, ": `grad_out` must have shape (", show(cfg.B), ", ", show(cfg.C), ", ", show(cfg.Ho), ", ", show(cfg.Wo), "), got ",
-                    show(grad_out_in.sizes()));
+                    kOp, ": `grad_out` must have shape (", show(cfg.B), ", ", show(cfg.C), ", ", show(cfg.Ho), ", ",
+                    show(cfg.Wo), "), got ", show(grad_out_in.sizes()));
   TORCH_CHECK_TYPE(!output_mask[0] || at::isFloatingType(image.scalar_type()), kOp,
                    ": no gradient w.r.t. an `image` of dtype ", image.scalar_type());
   const auto ct = warp_compute_dtype(image, src, params);

@@ -7,9 +7,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/ops/upsample_bilinear2d.h>
 #include <ATen/ops/upsample_bilinear2d_backward.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -22,9 +22,9 @@
 #include "tpswarp/kl.h"
 #include "tpswarp/kl_args.h"
 #include "tpswarp/sampling.h"
+#include "tpswarp/show.h"
 #include "tpswarp/tps.h"
 #include "tpswarp/tps_args.h"
-#include "tpswarp/show.h"
 
 // The float32 hot loops (TPS map of a block, gather of the warped teacher) in AVX2 clones
 // (tpswarp/cpu_kl_block.h), vectorizable only without -ftrapping-math (see cpu_fastmath.h).
@@ -63,9 +63,9 @@ TPSWARP_CPU_CLONES void warped_tps_block(const float* src, const float* params, 
 // tbuf[c * ld + p] = the bilinear sample (fill 0) of class plane c (planes `cs` apart) at the taps
 // (int32 offsets o.., weights w.., 0 for taps outside), as bilinear_combine computes it.
 TPSWARP_CPU_CLONES void warped_gather_taps(const float* plane0, int64_t cs, int64_t C, int64_t P, const int32_t* o00,
-                                           const int32_t* o10, const int32_t* o01, const int32_t* o11,
-                                           const float* w00, const float* w10, const float* w01, const float* w11,
-                                           float* tbuf, int64_t ld) {
+                                           const int32_t* o10, const int32_t* o01, const int32_t* o11, const float* w00,
+                                           const float* w10, const float* w01, const float* w11, float* tbuf,
+                                           int64_t ld) {
   for (int64_t c = 0; c < C; ++c) {
     const float* plane = plane0 + c * cs;
     float* out = tbuf + c * ld;
@@ -104,7 +104,8 @@ Problem make_problem(const at::Tensor& student, const at::Tensor& teacher, const
                      const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction) {
   check_kl_tensor(student, "student_logits", kOp);
   check_kl_tensor(teacher, "teacher", kOp);
-  TORCH_CHECK_VALUE(student.dim() == 4, kOp, ": `student_logits` must be 4-D (B, C, H, W), got ", show(student.sizes()));
+  TORCH_CHECK_VALUE(student.dim() == 4, kOp, ": `student_logits` must be 4-D (B, C, H, W), got ",
+                    show(student.sizes()));
   TORCH_CHECK_VALUE(teacher.dim() == 4, kOp, ": `teacher` must be 4-D (B, C, H, W), got ", show(teacher.sizes()));
   TORCH_CHECK_VALUE(teacher.size(0) == student.size(0) && teacher.size(1) == student.size(1), kOp, ": `teacher` ",
                     show(teacher.sizes()), " and `student_logits` ", show(student.sizes()),
@@ -610,7 +611,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
                       ? at::empty_like(grad_s, grad_s.options().dtype(pb.in_dtype))
                       : grad_s;
   at::Tensor gt_acc = output_mask[1] ? at::zeros({pb.B, pb.C, pb.Ht, pb.Wt}, weights.options()) : at::Tensor();
-  at::Tensor partials = need_coords ? at::zeros({pb.B * pb.H, 2 * pb.n + 2 * (pb.n + 3)}, weights.options()) : at::Tensor();
+  at::Tensor partials =
+      need_coords ? at::zeros({pb.B * pb.H, 2 * pb.n + 2 * (pb.n + 3)}, weights.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pb.in_dtype, "warped_kl_div_backward_cpu", [&] {
     auto run = [&](auto acc_tag) {
       using acc = decltype(acc_tag);

@@ -209,10 +209,11 @@ SizedInputs prepare_sized(const at::Tensor& student, const at::Tensor& teacher, 
   TORCH_CHECK_VALUE(size.size() == 2 && size[0] > 0 && size[1] > 0, kOp,
                     ": `size` must be None or a pair of positive ints (H, W), got ", show(size));
   TORCH_CHECK_VALUE(student.dim() == 4 && teacher.dim() == 4, kOp,
-                    ": with `size`, `student_logits` and `teacher` must be 4-D (B, C, H, W), got ", show(student.sizes()),
-                    " and ", show(teacher.sizes()));
+                    ": with `size`, `student_logits` and `teacher` must be 4-D (B, C, H, W), got ",
+                    show(student.sizes()), " and ", show(teacher.sizes()));
   TORCH_CHECK_VALUE(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1), kOp, ": `teacher` ",
-                    show(teacher.sizes()), " and `student_logits` ", show(student.sizes()), " must agree in batch size and classes");
+                    show(teacher.sizes()), " and `student_logits` ", show(student.sizes()),
+                    " must agree in batch size and classes");
   TORCH_CHECK_VALUE(student.size(2) > 0 && student.size(3) > 0 && teacher.size(2) > 0 && teacher.size(3) > 0, kOp,
                     ": with `size`, `student_logits` ", show(student.sizes()), " and `teacher` ", show(teacher.sizes()),
                     " must have nonzero height and width");

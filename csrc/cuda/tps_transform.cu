@@ -13,10 +13,10 @@
 
 #include <array>
 
+#include "tpswarp/show.h"
 #include "tpswarp/tps.h"
 #include "tpswarp/tps_args.h"
 #include "tpswarp/tps_solve.h"
-#include "tpswarp/show.h"
 
 namespace tpswarp {
 namespace {

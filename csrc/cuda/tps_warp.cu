@@ -24,9 +24,9 @@
 #include <cstring>
 
 #include "tpswarp/sampling.h"
+#include "tpswarp/show.h"
 #include "tpswarp/tps.h"
 #include "tpswarp/warp_args.h"
-#include "tpswarp/show.h"
 
 namespace tpswarp {
 namespace {
@@ -277,8 +277,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cuda(
   c10::cuda::CUDAGuard guard(image.device());
   TORCH_CHECK_VALUE(grad_out_in.dim() == 4 && grad_out_in.size(0) == cfg.B && grad_out_in.size(1) == cfg.C &&
                         grad_out_in.size(2) == cfg.Ho && grad_out_in.size(3) == cfg.Wo,
-                    kOp, ": `grad_out` must have shape (", show(cfg.B), ", ", show(cfg.C), ", ", show(cfg.Ho), ", ", show(cfg.Wo), "), got ",
-                    show(grad_out_in.sizes()));
+                    kOp, ": `grad_out` must have shape (", show(cfg.B), ", ", show(cfg.C), ", ", show(cfg.Ho), ", ",
+                    show(cfg.Wo), "), got ", show(grad_out_in.sizes()));
   TORCH_CHECK(grad_out_in.device() == image.device(), kOp, ": `grad_out` is on ", grad_out_in.device(),
               " but `image` is on ", image.device());
   TORCH_CHECK_TYPE(!output_mask[0] || at::isFloatingType(image.scalar_type()), kOp,
@@ -303,7 +303,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cuda(
 
   const bool work = cfg.B * npix > 0 && cfg.C > 0 && (need_image || need_coord);
   if (work) {
-    TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int>::max(), kOp, ": output too large (", show(cfg.Ho), " x ", show(cfg.Wo), ")");
+    TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int>::max(), kOp, ": output too large (", show(cfg.Ho), " x ",
+                      show(cfg.Wo), ")");
     const auto grad_out = grad_out_in.scalar_type() == image.scalar_type() ? grad_out_in : grad_out_in.to(image.scalar_type());
     const auto s = src.to(ct).contiguous();
     const auto p = params.to(ct).contiguous();

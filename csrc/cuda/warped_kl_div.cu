@@ -45,9 +45,9 @@
 #include "tpswarp/kl_regs.cuh"
 #include "tpswarp/kl_resize.cuh"
 #include "tpswarp/sampling.h"
+#include "tpswarp/show.h"
 #include "tpswarp/tps.h"
 #include "tpswarp/tps_args.h"
-#include "tpswarp/show.h"
 
 namespace tpswarp {
 namespace {
@@ -224,7 +224,8 @@ Prepared prepare(const at::Tensor& student, const at::Tensor& teacher, const at:
                  bool teacher_is_logits, bool align_corners, c10::string_view reduction) {
   check_kl_tensor(student, "student_logits", kOp);
   check_kl_tensor(teacher, "teacher", kOp);
-  TORCH_CHECK_VALUE(student.dim() == 4, kOp, ": `student_logits` must be 4-D (B, C, H, W), got ", show(student.sizes()));
+  TORCH_CHECK_VALUE(student.dim() == 4, kOp, ": `student_logits` must be 4-D (B, C, H, W), got ",
+                    show(student.sizes()));
   TORCH_CHECK_VALUE(teacher.dim() == 4, kOp, ": `teacher` must be 4-D (B, C, H, W), got ", show(teacher.sizes()));
   TORCH_CHECK_VALUE(teacher.size(0) == student.size(0) && teacher.size(1) == student.size(1), kOp, ": `teacher` ",
                     show(teacher.sizes()), " and `student_logits` ", show(student.sizes()),
@@ -498,7 +499,8 @@ SizedPrepared prepare_sized(const at::Tensor& student, const at::Tensor& teacher
   r.p = prepare(student, teacher, src, params, teacher_is_logits, align_corners, reduction);
   r.d = {student.size(2), student.size(3), teacher.size(2), teacher.size(3)};
   TORCH_CHECK_VALUE(r.d.hs > 0 && r.d.ws > 0 && r.d.ht > 0 && r.d.wt > 0, kOp, ": with `size`, `student_logits` ",
-                    show(student.sizes()), " and `teacher` ", show(teacher.sizes()), " must have nonzero height and width");
+                    show(student.sizes()), " and `teacher` ", show(teacher.sizes()),
+                    " must have nonzero height and width");
   // the loss lives on the (H, W) grid, and the warp reads the teacher resized to (H, W)
   r.p.g.H = r.p.g.Ht = size[0];
   r.p.g.W = r.p.g.Wt = size[1];

@@ -17,8 +17,8 @@
 
 #include "tpswarp/cpu_kl_block.h"
 #include "tpswarp/kl.h"
-#include "tpswarp/upsample.h"
 #include "tpswarp/show.h"
+#include "tpswarp/upsample.h"
 
 namespace tpswarp {
 namespace cpu {
@@ -32,12 +32,14 @@ inline void check_kl_size(at::OptionalIntArrayRef size, const at::Tensor& studen
                     ": `size` needs 4-D (B, C, H, W) inputs (2-D spatial only), got `student_logits` ",
                     show(student.sizes()), " and `teacher` ", show(teacher.sizes()));
   TORCH_CHECK_VALUE(teacher.size(0) == student.size(0) && teacher.size(1) == student.size(1), op, ": `teacher` ",
-                    show(teacher.sizes()), " and `student_logits` ", show(student.sizes()), " must agree in batch size and classes");
+                    show(teacher.sizes()), " and `student_logits` ", show(student.sizes()),
+                    " must agree in batch size and classes");
   TORCH_CHECK_VALUE(student.size(2) > 0 && student.size(3) > 0, op,
                     ": `student_logits` must have a non-empty spatial size to be resized to `size`, got ",
                     show(student.sizes()));
   TORCH_CHECK_VALUE(teacher.size(2) > 0 && teacher.size(3) > 0, op,
-                    ": `teacher` must have a non-empty spatial size to be resized to `size`, got ", show(teacher.sizes()));
+                    ": `teacher` must have a non-empty spatial size to be resized to `size`, got ",
+                    show(teacher.sizes()));
 }
 
 // The taps of one axis resized from `in` to `out`: per output index its two input taps, per input

@@ -48,7 +48,8 @@ inline at::Tensor kl_weights(const std::optional<at::Tensor>& mask, const at::Te
   auto spatial = student.sizes().slice(2);
   const bool plain = m.dim() == student.dim() - 1 && m.size(0) == B && m.sizes().slice(1) == spatial;
   const bool keep = m.dim() == student.dim() && m.size(0) == B && m.size(1) == 1 && m.sizes().slice(2) == spatial;
-  TORCH_CHECK_VALUE(plain || keep, op, ": `mask` must have shape (B, *spatial) or (B, 1, *spatial) for logits of shape ",
+  TORCH_CHECK_VALUE(plain || keep, op,
+                    ": `mask` must have shape (B, *spatial) or (B, 1, *spatial) for logits of shape ",
                     show(student.sizes()), ", got ", show(m.sizes()));
   return m.reshape({B, N}).to(dtype).contiguous();
 }

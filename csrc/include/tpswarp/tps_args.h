@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "tpswarp/tps_solve.h"
 #include "tpswarp/show.h"
+#include "tpswarp/tps_solve.h"
 
 namespace tpswarp {
 
@@ -24,7 +24,8 @@ inline void check_tps_float(const at::Tensor& t, const char* name, const char* o
 
 inline void check_tps_points(const at::Tensor& t, const char* name, const char* op) {
   check_tps_float(t, name, op);
-  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(2) == 2, op, ": `", name, "` must have shape (B, n, 2), got ", show(t.sizes()));
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(2) == 2, op, ": `", name, "` must have shape (B, n, 2), got ",
+                    show(t.sizes()));
 }
 
 inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
@@ -51,10 +52,10 @@ inline void check_tps_params_args(const at::Tensor& src, const at::Tensor& param
   check_tps_float(params, name, op);
   const int64_t n = src.size(1);
   TORCH_CHECK_VALUE(params.dim() == 3 && params.size(1) == n + 3 && params.size(2) == 2, op, ": `", name,
-                    "` must have shape (B, n + 3, 2) = (", show(src.size(0)), ", ", show(n + 3), ", 2) for `src` ", show(src.sizes()),
-                    ", got ", show(params.sizes()));
-  TORCH_CHECK_VALUE(src.size(0) == batch, op, ": batch size mismatch: `src` has ", show(src.size(0)), " items, expected ",
-                    show(batch));
+                    "` must have shape (B, n + 3, 2) = (", show(src.size(0)), ", ", show(n + 3), ", 2) for `src` ",
+                    show(src.sizes()), ", got ", show(params.sizes()));
+  TORCH_CHECK_VALUE(src.size(0) == batch, op, ": batch size mismatch: `src` has ", show(src.size(0)),
+                    " items, expected ", show(batch));
   TORCH_CHECK_VALUE(params.size(0) == batch, op, ": batch size mismatch: `", name, "` has ", show(params.size(0)),
                     " items, expected ", show(batch));
   check_same_device(src, "src", params, name, op);
