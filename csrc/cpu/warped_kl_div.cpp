@@ -27,11 +27,8 @@
 #include "tpswarp/tps_args.h"
 
 // The float32 hot loops (TPS map of a block, gather of the warped teacher) in AVX2 clones
-// (tpswarp/cpu_kl_block.h), vectorizable only without -ftrapping-math (see cpu_fastmath.h).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#endif
+// (tpswarp/cpu_kl_block.h), compiled for vectorizable selects (tpswarp/common.h).
+TPSWARP_NO_TRAPPING_MATH_BEGIN
 
 namespace tpswarp {
 namespace cpu {
@@ -82,9 +79,7 @@ TPSWARP_CPU_CLONES void warped_gather_taps(const float* plane0, int64_t cs, int6
 }  // namespace cpu
 }  // namespace tpswarp
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+TPSWARP_NO_TRAPPING_MATH_END
 
 namespace tpswarp {
 namespace {
@@ -284,6 +279,11 @@ void block_kl_grad(const Problem& pb, int64_t P, const acc* sbuf, const acc* tbu
 std::array<int64_t, 4> strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 // Per-pixel weighted KL (B, H*W) and validity weights (B, H*W), in acc.
+// Task `task` of the (B, H, blocks of a row) decomposition: batch item, output row, first column.
+std::array<int64_t, 3> block_of_task(const Problem& pb, int64_t task, int64_t blocks_per_row) {
+  return {task / (pb.H * blocks_per_row), (task / blocks_per_row) % pb.H, (task % blocks_per_row) * kBlock};
+}
+
 template <typename scalar_t, typename acc>
 void forward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t, const at::Tensor& src_acc,
                     const at::Tensor& params_acc, at::Tensor& kl, at::Tensor& weights,
@@ -301,9 +301,7 @@ void forward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t,
     std::vector<acc> sbuf(pb.C * kBlock), tbuf(pb.C * kBlock);
     acc out[kBlock];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (pb.H * blocks_per_row);
-      const int64_t i = (task / blocks_per_row) % pb.H;
-      const int64_t j0 = (task % blocks_per_row) * kBlock;
+      const auto [b, i, j0] = block_of_task(pb, task, blocks_per_row);
       locate_block<scalar_t, acc>(pb, srcp + b * pb.n * 2, parp + b * (pb.n + 3) * 2, i, j0, blk);
       const int64_t o = b * pb.H * pb.W + i * pb.W + j0;
       if (sized) {
@@ -334,9 +332,7 @@ void valid_pixels(const Problem& pb, const at::Tensor& src_acc, const at::Tensor
   at::parallel_for(0, pb.B * pb.H * blocks_per_row, 16, [&](int64_t begin, int64_t end) {
     Block<acc> blk;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (pb.H * blocks_per_row);
-      const int64_t i = (task / blocks_per_row) % pb.H;
-      const int64_t j0 = (task % blocks_per_row) * kBlock;
+      const auto [b, i, j0] = block_of_task(pb, task, blocks_per_row);
       locate_block<float, acc>(pb, srcp + b * pb.n * 2, parp + b * (pb.n + 3) * 2, i, j0, blk);
       const int64_t o = b * pb.H * pb.W + i * pb.W + j0;
       for (int64_t p = 0; p < blk.P; ++p) wp[o + p] = blk.valid[p];

@@ -10,6 +10,18 @@
 #define TPSWARP_HOST_DEVICE
 #endif
 
+// Code between TPSWARP_NO_TRAPPING_MATH_BEGIN and TPSWARP_NO_TRAPPING_MATH_END (CPU only) is
+// compiled by GCC without -ftrapping-math: its loops vectorize only if GCC may evaluate both sides
+// of a select, which the default forbids for arithmetic that "may trap". Nothing in tpswarp reads
+// the floating-point exception flags, and the option changes no value (it enables no reassociation).
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define TPSWARP_NO_TRAPPING_MATH_BEGIN _Pragma("GCC push_options") _Pragma("GCC optimize(\"no-trapping-math\")")
+#define TPSWARP_NO_TRAPPING_MATH_END _Pragma("GCC pop_options")
+#else
+#define TPSWARP_NO_TRAPPING_MATH_BEGIN
+#define TPSWARP_NO_TRAPPING_MATH_END
+#endif
+
 namespace tpswarp {
 
 // Accumulation type: float for float/half/bfloat16, double for double.

@@ -9,19 +9,15 @@
 #include <cstdint>
 #include <cstring>
 
+#include "tpswarp/common.h"
+
 #if defined(__GNUC__) || defined(__clang__)
 #define TPSWARP_FORCE_INLINE inline __attribute__((always_inline))
 #else
 #define TPSWARP_FORCE_INLINE inline
 #endif
 
-// The loops vectorize only if GCC may evaluate both sides of a select (the default
-// -ftrapping-math forbids it for arithmetic that "may trap"); nothing here reads the
-// floating-point exception flags, and the pragma changes no value (it enables no reassociation).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#endif
+TPSWARP_NO_TRAPPING_MATH_BEGIN  // vectorizable selects (tpswarp/common.h)
 
 namespace tpswarp {
 namespace cpu {
@@ -85,6 +81,4 @@ TPSWARP_FORCE_INLINE float fast_log(float x) {
 }  // namespace cpu
 }  // namespace tpswarp
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+TPSWARP_NO_TRAPPING_MATH_END

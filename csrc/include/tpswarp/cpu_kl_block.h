@@ -8,13 +8,7 @@
 #include "tpswarp/common.h"
 #include "tpswarp/cpu_fastmath.h"
 
-// The loops vectorize only if GCC may evaluate both sides of a select (the default
-// -ftrapping-math forbids it for arithmetic that "may trap"); nothing here reads the
-// floating-point exception flags, and the pragma changes no value (it enables no reassociation).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#endif
+TPSWARP_NO_TRAPPING_MATH_BEGIN  // vectorizable selects (tpswarp/common.h)
 
 namespace tpswarp {
 namespace cpu {
@@ -146,6 +140,4 @@ TPSWARP_CPU_CLONES void kl_block_grad(const S* s, int64_t scs, const T* t, int64
 }  // namespace cpu
 }  // namespace tpswarp
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+TPSWARP_NO_TRAPPING_MATH_END
