@@ -144,7 +144,6 @@ def _peak_memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
-
 def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
