@@ -18,7 +18,8 @@
 #   BUILD_INPLACE=1                         # python setup.py build_ext --inplace instead of pip -e
 #   WORKERS=8                               # run the GPU tests with pytest-xdist on 8 workers
 #   GPU_ONLY=1                              # skip the CPU suite and the CPU-only benchmarks
-#   ARCHIVE=path.tgz                        # after every step, pack the results folder there
+#   ARCHIVE=path.tgz                        # after every step, pack the results folder there (the archive
+#                                           # itself is left out when it lies inside that folder)
 #   BENCHES="masked_kl_div warped_kl_div"   # only these benchmarks/bench_<name>.py (default: all)
 #   KL_AB=1                                 # rerun the KL benchmarks with TPSWARP_CUDA_KL_REGS=0 (generic path)
 #   MEMORY_ARGS="--model rn34"              # arguments of benchmarks/memory_consistency.py --device cuda
@@ -50,7 +51,7 @@ step() {
   tail -n 25 "$OUT/$name.log"
   if [ "$rc" -ne 0 ]; then FAILED=1; fi
   cp benchmarks/results/*.csv "$OUT/" 2>/dev/null || true
-  if [ -n "${ARCHIVE:-}" ]; then tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")"; fi
+  if [ -n "${ARCHIVE:-}" ]; then tar czf "$ARCHIVE" --exclude="$(basename "$ARCHIVE")" -C "$(dirname "$OUT")" "$(basename "$OUT")"; fi
   return 0
 }
 
