@@ -49,8 +49,10 @@ template <typename scalar_t, typename acc, int MAX_C>
 __global__ void kl_forward_kernel(const scalar_t* __restrict__ s, Strides3 ss, const scalar_t* __restrict__ t, Strides3 ts,
                                   const acc* __restrict__ w, acc* __restrict__ out, int64_t total, int64_t N, int64_t C,
                                   bool teacher_is_logits) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i / N, n = i % N;
+  const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (n >= N) return;
+  for (int64_t b = blockIdx.y; b * N < total; b += gridDim.y) {
+    const int64_t i = b * N + n;
     const acc wi = w ? w[i] : acc(1);
     if (wi == acc(0)) {
       out[i] = 0;
@@ -75,8 +77,10 @@ __global__ void kl_backward_kernel(const scalar_t* __restrict__ s, Strides3 ss, 
                                    const acc* __restrict__ w, const acc* __restrict__ factor, int64_t f_step,
                                    scalar_t* gs, Strides3 gss, scalar_t* gt, Strides3 gts, int64_t total, int64_t N,
                                    int64_t C, bool teacher_is_logits) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i / N, n = i % N;
+  const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (n >= N) return;
+  for (int64_t b = blockIdx.y; b * N < total; b += gridDim.y) {
+    const int64_t i = b * N + n;
     const acc scale = factor[i * f_step] * (w ? w[i] : acc(1));
     scalar_t* gsi = gs ? gs + b * gss.b + n * gss.n : nullptr;
     scalar_t* gti = gt ? gt + b * gts.b + n * gts.n : nullptr;
@@ -107,6 +111,12 @@ __global__ void kl_backward_kernel(const scalar_t* __restrict__ s, Strides3 ss, 
 
 int blocks_for(int64_t total) {
   return static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8));
+}
+
+// Grid of the size=None kernels: x over the N pixels of an item, y over the batch (a loop beyond
+// 65535 items), so that no thread divides by N.
+dim3 pixel_grid(int64_t B, int64_t N) {
+  return dim3(static_cast<unsigned>((N + kThreads - 1) / kThreads), static_cast<unsigned>(std::min<int64_t>(B, 65535)));
 }
 
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
@@ -346,7 +356,7 @@ at::Tensor masked_kl_div_cuda(const at::Tensor& student_logits, const at::Tensor
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_cuda", [&] {
       using acc = acc_t<scalar_t>;
       dispatch_max_classes(C, [&](auto max_c) {
-        kl_forward_kernel<scalar_t, acc, decltype(max_c)::value><<<blocks_for(total), kThreads, 0, stream>>>(
+        kl_forward_kernel<scalar_t, acc, decltype(max_c)::value><<<pixel_grid(B, N), kThreads, 0, stream>>>(
             s.const_data_ptr<scalar_t>(), strides_of(s), t.const_data_ptr<scalar_t>(), strides_of(t),
             weights.defined() ? weights.const_data_ptr<acc>() : nullptr, kl.mutable_data_ptr<acc>(), total, N, C,
             teacher_is_logits);
@@ -396,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cuda(const at::Tensor&
       using acc = acc_t<scalar_t>;
       const Strides3 none{0, 0, 0};
       dispatch_max_classes(C, [&](auto max_c) {
-        kl_backward_kernel<scalar_t, acc, decltype(max_c)::value><<<blocks_for(total), kThreads, 0, stream>>>(
+        kl_backward_kernel<scalar_t, acc, decltype(max_c)::value><<<pixel_grid(B, N), kThreads, 0, stream>>>(
             s.const_data_ptr<scalar_t>(), strides_of(s), t.const_data_ptr<scalar_t>(), strides_of(t),
             weights.defined() ? weights.const_data_ptr<acc>() : nullptr, factor.const_data_ptr<acc>(),
             factor.dim() == 0 ? 0 : 1, output_mask[0] ? gs3.mutable_data_ptr<scalar_t>() : nullptr,

@@ -1,7 +1,7 @@
 // CUDA kernels of tpswarp::tps_solve and its backward: one thread per batch item, the shared solve of
 // tpswarp/tps_solve.h in double. For n <= 4 the whole system lives in registers (fixed arrays, fully
 // unrolled loops); beyond, each item gets a workspace in global memory.
-// No host synchronization, except reading the per-item status when check_singular is true.
+// No host synchronization, except reading one "any singular" flag when check_singular is true.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <ATen/core/Tensor.h>
@@ -82,7 +82,8 @@ AnyOut no_out() { return {nullptr, kDoubleKind}; }
 
 template <int NMAX>
 __global__ void __launch_bounds__(kThreads) tps_solve_kernel(AnyIn src, Strides3 ss, AnyIn dst, Strides3 ds, AnyOut params,
-                                                             int8_t* __restrict__ status, int64_t B, int n, double reg,
+                                                             int8_t* __restrict__ status, int* __restrict__ any_singular,
+                                                             int64_t B, int n, double reg,
                                                              double* __restrict__ workspace) {
   const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (b >= B) return;
@@ -95,7 +96,10 @@ __global__ void __launch_bounds__(kThreads) tps_solve_kernel(AnyIn src, Strides3
     TpsPtrStore<2> store(workspace + b * tps_workspace_size(n, 2), n);
     st = tps_solve_item<0>(store, src.offset(b * ss.b), ss.i, ss.c, dst.offset(b * ds.b), ds.i, ds.c, n, reg, out);
   }
-  if (status) status[b] = static_cast<int8_t>(st);
+  if (status) {
+    status[b] = static_cast<int8_t>(st);
+    if (st != kTpsRegular) atomicOr(any_singular, 1);
+  }
 }
 
 template <int NMAX>
@@ -141,19 +145,32 @@ at::Tensor tps_solve_cuda(const at::Tensor& src_in, const at::Tensor& dst_in, do
   const int n = static_cast<int>(src.size(1));
   auto params = at::empty({B, n + 3, 2}, src.options().dtype(out_dtype));
   if (B == 0) return params;
-  at::Tensor status = check_singular ? at::empty({B}, src.options().dtype(at::kChar)) : at::Tensor();
+  at::Tensor status, any_singular;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  if (check_singular) {
+    status = at::empty({B}, src.options().dtype(at::kChar));
+    any_singular = at::empty({1}, src.options().dtype(at::kInt));
+    C10_CUDA_CHECK(cudaMemsetAsync(any_singular.mutable_data_ptr<int>(), 0, sizeof(int), stream));
+  }
   with_tier<2>(src, B, n, [&](auto tier, double* ws) {
     constexpr int NMAX = decltype(tier)::value;
     tps_solve_kernel<NMAX><<<blocks_for(B), kThreads, 0, stream>>>(
         any_in(src), strides_of(src), any_in(dst), strides_of(dst), any_out(params),
-        check_singular ? status.mutable_data_ptr<int8_t>() : nullptr, B, n, reg, ws);
+        check_singular ? status.mutable_data_ptr<int8_t>() : nullptr,
+        check_singular ? any_singular.mutable_data_ptr<int>() : nullptr, B, n, reg, ws);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (check_singular) {
-    // The one host synchronization, asked for by check_singular=True.
-    const auto host = status.cpu();
-    tps_raise_if_singular(host.const_data_ptr<int8_t>(), B);
+    // The one host synchronization, asked for by check_singular=True: 4 bytes into pinned memory
+    // (cheaper than copying the per-item status, which is read only to name the singular items).
+    auto flag = at::empty({1}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+    C10_CUDA_CHECK(cudaMemcpyAsync(flag.mutable_data_ptr<int>(), any_singular.const_data_ptr<int>(), sizeof(int),
+                                   cudaMemcpyDeviceToHost, stream));
+    C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (*flag.const_data_ptr<int>() != 0) {
+      const auto host = status.cpu();
+      tps_raise_if_singular(host.const_data_ptr<int8_t>(), B);
+    }
   }
   return params;
 }

@@ -22,6 +22,7 @@
 
 #include <array>
 #include <cstring>
+#include <limits>
 
 #include "tpswarp/sampling.h"
 #include "tpswarp/show.h"
@@ -48,21 +49,22 @@ template <typename acc> GeoArgs<acc> geo_args(const WarpConfig& cfg, const at::T
           src.const_data_ptr<acc>(), params.const_data_ptr<acc>()};
 }
 
-// f(q) of output pixel (i, j) of batch item b.
-template <typename acc> __device__ inline Vec2<acc> warp_point(const GeoArgs<acc>& g, int64_t b, int64_t i, int64_t j) {
+// Forward grid: (ceil(Ho Wo / kThreads), min(B, 65535)) blocks of kThreads; the pixel index and its
+// row / column are 32-bit (the host checks Ho Wo <= INT_MAX): 64-bit division costs tens of
+// instructions per pixel on the GPU.
+template <typename scalar_t, typename acc>
+__global__ void __launch_bounds__(kThreads)
+    forward_bilinear_kernel(GeoArgs<acc> g, const scalar_t* __restrict__ image, Strides4 is, scalar_t* __restrict__ out,
+                            Strides4 os, bool* __restrict__ valid, acc fill) {
+  const int npix = static_cast<int>(g.Ho * g.Wo), Wo = static_cast<int>(g.Wo);
+  const int p = blockIdx.x * kThreads + threadIdx.x;
+  if (p >= npix) return;
+  const int i = p / Wo, j = p - i * Wo;
   const acc qx = pixel_to_normalized<acc>(j, g.Wo, g.align_corners);
   const acc qy = pixel_to_normalized<acc>(i, g.Ho, g.align_corners);
-  return tps_eval<acc>(qx, qy, g.src + b * 2 * g.n, g.params + b * 2 * (g.n + 3), g.n);
-}
-
-template <typename scalar_t, typename acc>
-__global__ void forward_bilinear_kernel(GeoArgs<acc> g, const scalar_t* __restrict__ image, Strides4 is,
-                                        scalar_t* __restrict__ out, Strides4 os, bool* __restrict__ valid, acc fill) {
-  const int64_t npix = g.Ho * g.Wo, total = g.B * npix;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = idx / npix, p = idx % npix, i = p / g.Wo, j = p % g.Wo;
-    const auto f = warp_point(g, b, i, j);
-    valid[idx] = in_pixel_hull(f.x, f.y, g.H, g.W, g.align_corners);
+  for (int64_t b = blockIdx.y; b < g.B; b += gridDim.y) {
+    const auto f = tps_eval<acc>(qx, qy, g.src + b * 2 * g.n, g.params + b * 2 * (g.n + 3), g.n);
+    valid[b * npix + p] = in_pixel_hull(f.x, f.y, g.H, g.W, g.align_corners);
     const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners);
     const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners);
     const auto tap = bilinear_tap(px, py, g.H, g.W);
@@ -74,15 +76,20 @@ __global__ void forward_bilinear_kernel(GeoArgs<acc> g, const scalar_t* __restri
   }
 }
 
-// Nearest sampling copies elements: raw_t is an unsigned type of the image's element size.
+// Nearest sampling copies elements: raw_t is an unsigned type of the image's element size. Grid as above.
 template <typename raw_t, typename acc>
-__global__ void forward_nearest_kernel(GeoArgs<acc> g, const raw_t* __restrict__ image, Strides4 is,
-                                       raw_t* __restrict__ out, Strides4 os, bool* __restrict__ valid, raw_t fill) {
-  const int64_t npix = g.Ho * g.Wo, total = g.B * npix;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = idx / npix, p = idx % npix, i = p / g.Wo, j = p % g.Wo;
-    const auto f = warp_point(g, b, i, j);
-    valid[idx] = in_pixel_hull(f.x, f.y, g.H, g.W, g.align_corners);
+__global__ void __launch_bounds__(kThreads)
+    forward_nearest_kernel(GeoArgs<acc> g, const raw_t* __restrict__ image, Strides4 is, raw_t* __restrict__ out,
+                           Strides4 os, bool* __restrict__ valid, raw_t fill) {
+  const int npix = static_cast<int>(g.Ho * g.Wo), Wo = static_cast<int>(g.Wo);
+  const int p = blockIdx.x * kThreads + threadIdx.x;
+  if (p >= npix) return;
+  const int i = p / Wo, j = p - i * Wo;
+  const acc qx = pixel_to_normalized<acc>(j, g.Wo, g.align_corners);
+  const acc qy = pixel_to_normalized<acc>(i, g.Ho, g.align_corners);
+  for (int64_t b = blockIdx.y; b < g.B; b += gridDim.y) {
+    const auto f = tps_eval<acc>(qx, qy, g.src + b * 2 * g.n, g.params + b * 2 * (g.n + 3), g.n);
+    valid[b * npix + p] = in_pixel_hull(f.x, f.y, g.H, g.W, g.align_corners);
     const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners);
     const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners);
     const NearestTap tap = nearest_tap(px, py, g.H, g.W);
@@ -232,7 +239,11 @@ std::tuple<at::Tensor, at::Tensor> tps_warp_cuda(const at::Tensor& image, const 
   auto valid = at::empty({cfg.B, 1, cfg.Ho, cfg.Wo}, image.options().dtype(at::kBool));
   const int64_t total = valid.numel();
   if (total == 0) return {out, valid};
+  TORCH_CHECK_VALUE(cfg.Ho * cfg.Wo <= std::numeric_limits<int>::max(), kOp, ": output too large (", show(cfg.Ho),
+                    " x ", show(cfg.Wo), " pixels per image; the CUDA kernels index pixels in 32 bits)");
   const uint64_t fill_raw = cfg.mode == Interp::Nearest ? warp_fill_bits(fill, image.scalar_type()) : 0;
+  const dim3 grid(static_cast<unsigned>((cfg.Ho * cfg.Wo + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(std::min<int64_t>(cfg.B, 65535)));
   const auto s = src.to(ct).contiguous();
   const auto p = params.to(ct).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -242,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> tps_warp_cuda(const at::Tensor& image, const 
     const auto g = geo_args<acc>(cfg, s, p);
     if (cfg.mode == Interp::Bilinear) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "tps_warp_cuda", [&] {
-        forward_bilinear_kernel<scalar_t, acc><<<grid_for(total), kThreads, 0, stream>>>(
+        forward_bilinear_kernel<scalar_t, acc><<<grid, kThreads, 0, stream>>>(
             g, image.const_data_ptr<scalar_t>(), is, out.mutable_data_ptr<scalar_t>(), os,
             valid.mutable_data_ptr<bool>(), static_cast<acc>(fill));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -252,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> tps_warp_cuda(const at::Tensor& image, const 
         using raw_t = decltype(raw_zero);
         raw_t fill_value;
         std::memcpy(&fill_value, &fill_raw, sizeof(raw_t));
-        forward_nearest_kernel<raw_t, acc><<<grid_for(total), kThreads, 0, stream>>>(
+        forward_nearest_kernel<raw_t, acc><<<grid, kThreads, 0, stream>>>(
             g, static_cast<const raw_t*>(image.const_data_ptr()), is, static_cast<raw_t*>(out.mutable_data_ptr()), os,
             valid.mutable_data_ptr<bool>(), fill_value);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
