@@ -40,19 +40,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "tpswarp/cpu_pair_gather.h"  // also TPSWARP_X86_MULTIVERSION, TPSWARP_TARGET_AVX2, cpu_has_avx2
 #include "tpswarp/sampling.h"
 #include "tpswarp/show.h"
 #include "tpswarp/tps.h"
 #include "tpswarp/warp_args.h"
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#define TPSWARP_X86_MULTIVERSION 1
-#define TPSWARP_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define TPSWARP_X86_MULTIVERSION 0
-#define TPSWARP_TARGET_AVX2
-#endif
 
 namespace tpswarp {
 namespace {
@@ -301,20 +293,8 @@ C10_ALWAYS_INLINE void gather_bilinear_impl(const scalar_t* __restrict img, int6
   }
 }
 
-// Row-pair taps (float32 images with unit stride along W, W >= 2, AVX2): the two taps of a row
-// are read with one 64-bit load at columns (xb, xb + 1), xb = min(x0, W - 2). The four weights of
-// bilinear_tap are reassigned to those columns (a tap outside the image has weight 0 wherever
-// it goes), so that out = fill + lt (v[ot] - fill) + rt (v[ot + 1] - fill) + lb (v[ob] - fill)
-// + rb (v[ob + 1] - fill) is bilinear_combine of the same products; inside the image lt, rt, lb,
-// rb are exactly w00, w10, w01, w11.
-struct PairChunk {
-  alignas(64) int32_t ot[kChunk];  // row y0, column xb
-  alignas(64) int32_t ob[kChunk];  // row y1, column xb
-  alignas(64) float lt[kChunk];
-  alignas(64) float rt[kChunk];
-  alignas(64) float lb[kChunk];
-  alignas(64) float rb[kChunk];
-};
+// Row-pair taps (float32 images with unit stride along W, W >= 2, AVX2): tpswarp/cpu_pair_gather.h.
+using PairChunk = cpu::PairTaps<kChunk>;
 
 template <Padding kPadding, bool kAlignCorners>
 C10_ALWAYS_INLINE void pair_taps_impl(const Geometry<float>& g, const float* __restrict fx, const float* __restrict fy,
@@ -325,69 +305,11 @@ C10_ALWAYS_INLINE void pair_taps_impl(const Geometry<float>& g, const float* __r
     valid[j] = in_pixel_hull(fx[j], fy[j], H, W, kAlignCorners);
     const float px = source_coordinate(fx[j], W, kPadding, kAlignCorners);
     const float py = source_coordinate(fy[j], H, kPadding, kAlignCorners);
-    const auto tap = bilinear_tap(px, py, H, W);
-    const int32_t xb = tap.x0 < last ? tap.x0 : last;
-    const int32_t x0_left = tap.x0 == xb, x1_left = tap.x1 == xb;  // else at xb + 1 (0/1 ints: vectorizes)
-    const float l0 = static_cast<float>(x0_left), l1 = static_cast<float>(x1_left);
-    const float r0 = static_cast<float>(1 - x0_left), r1 = static_cast<float>(1 - x1_left);
-    t.ot[j] = tap.y0 * sh + xb;
-    t.ob[j] = tap.y1 * sh + xb;
-    t.lt[j] = tap.w00 * l0 + tap.w10 * l1;
-    t.rt[j] = tap.w00 * r0 + tap.w10 * r1;
-    t.lb[j] = tap.w01 * l0 + tap.w11 * l1;
-    t.rb[j] = tap.w01 * r0 + tap.w11 * r1;
+    cpu::set_pair_tap(t, j, bilinear_tap(px, py, H, W), sh, last);
   }
 }
 
 #if TPSWARP_X86_MULTIVERSION
-// Four row pairs (v[o], v[o + 1]) of eight pixels as (left, right) vectors, in the lane order
-// 0, 1, 4, 5, 2, 3, 6, 7 (the order of _mm256_shuffle_ps over two 128-bit halves).
-TPSWARP_TARGET_AVX2 inline __m256 load_pairs(const float* p, const int32_t* o, __m256* right) {
-  const __m128 a = _mm_castpd_ps(_mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(p + o[0])),
-                                              reinterpret_cast<const double*>(p + o[1])));
-  const __m128 b = _mm_castpd_ps(_mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(p + o[2])),
-                                              reinterpret_cast<const double*>(p + o[3])));
-  const __m128 c = _mm_castpd_ps(_mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(p + o[4])),
-                                              reinterpret_cast<const double*>(p + o[5])));
-  const __m128 d = _mm_castpd_ps(_mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(p + o[6])),
-                                              reinterpret_cast<const double*>(p + o[7])));
-  const __m256 lo = _mm256_set_m128(b, a), hi = _mm256_set_m128(d, c);
-  *right = _mm256_shuffle_ps(lo, hi, 0xDD);
-  return _mm256_shuffle_ps(lo, hi, 0x88);
-}
-
-// out[c, j] for the chunk's pixels and all channels (output unit stride along W), 8 pixels at a time.
-TPSWARP_TARGET_AVX2 void gather_pairs_avx2(const float* __restrict img, int64_t C, int64_t sc, float* __restrict out,
-                                           int64_t osc, int64_t len, const PairChunk& t, float fill) {
-  const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  // its own inverse
-  const __m256 f = _mm256_set1_ps(fill);
-  int64_t j = 0;
-  for (; j + 8 <= len; j += 8) {
-    const __m256 lt = _mm256_permutevar8x32_ps(_mm256_load_ps(t.lt + j), order);
-    const __m256 rt = _mm256_permutevar8x32_ps(_mm256_load_ps(t.rt + j), order);
-    const __m256 lb = _mm256_permutevar8x32_ps(_mm256_load_ps(t.lb + j), order);
-    const __m256 rb = _mm256_permutevar8x32_ps(_mm256_load_ps(t.rb + j), order);
-    const float* plane = img;
-    float* oc = out + j;
-    for (int64_t c = 0; c < C; ++c, plane += sc, oc += osc) {
-      __m256 vtr, vbr;
-      const __m256 vtl = load_pairs(plane, t.ot + j, &vtr);
-      const __m256 vbl = load_pairs(plane, t.ob + j, &vbr);
-      __m256 o = _mm256_mul_ps(lt, _mm256_sub_ps(vtl, f));
-      o = _mm256_fmadd_ps(rt, _mm256_sub_ps(vtr, f), o);
-      o = _mm256_fmadd_ps(lb, _mm256_sub_ps(vbl, f), o);
-      o = _mm256_fmadd_ps(rb, _mm256_sub_ps(vbr, f), o);
-      _mm256_storeu_ps(oc, _mm256_permutevar8x32_ps(_mm256_add_ps(o, f), order));
-    }
-  }
-  for (; j < len; ++j) {
-    for (int64_t c = 0; c < C; ++c) {
-      out[c * osc + j] = bilinear_combine(img + c * sc, int64_t(t.ot[j]), int64_t(t.ot[j]) + 1, int64_t(t.ob[j]),
-                                          int64_t(t.ob[j]) + 1, t.lt[j], t.rt[j], t.lb[j], t.rb[j], fill);
-    }
-  }
-}
-
 template <Padding kPadding, bool kAlignCorners>
 TPSWARP_TARGET_AVX2 void pair_taps_avx2(const Geometry<float>& g, const float* fx, const float* fy, int64_t len,
                                         bool* valid, PairChunk& t) {
@@ -627,21 +549,7 @@ TPSWARP_TARGET_AVX2 void coord_grad_avx2(const scalar_t* img, int64_t C, int64_t
 }
 #endif
 
-// AVX2+FMA available (and not disabled with TPSWARP_NO_AVX2=1, which tests use to run the
-// baseline-ISA code on an AVX2 machine). Read once.
-bool cpu_has_avx2() {
-#if TPSWARP_X86_MULTIVERSION
-  static const bool has = [] {
-    const char* off = std::getenv("TPSWARP_NO_AVX2");
-    if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-#else
-  return false;
-#endif
-}
+using cpu::cpu_has_avx2;
 
 template <typename acc> struct RowKernels {
   void (*tps_row)(const Geometry<acc>&, int64_t, acc, int64_t, int64_t, acc*, acc*);
@@ -784,7 +692,7 @@ void forward_bilinear(const WarpConfig& cfg, const Geometry<acc>& geo, const at:
         if constexpr (kFloat) {
           if (pairs) {
             pair_taps(geo, fx, fy, len, vr, *pair_chunk);
-            gather_pairs_avx2(img_b, C, is.c, o_row, os.c, len, *pair_chunk, fill);
+            cpu::gather_pairs_avx2(img_b, C, is.c, o_row, os.c, len, *pair_chunk, fill);
             continue;
           }
         }

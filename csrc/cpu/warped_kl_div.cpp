@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "tpswarp/cpu_kl_block.h"
+#include "tpswarp/cpu_pair_gather.h"
 #include "tpswarp/cpu_kl_resize.h"
 #include "tpswarp/kl.h"
 #include "tpswarp/kl_args.h"
@@ -75,6 +76,49 @@ TPSWARP_CPU_CLONES void warped_gather_taps(const float* plane0, int64_t cs, int6
     }
   }
 }
+
+#if TPSWARP_X86_MULTIVERSION
+// Float32 teacher planes with unit stride along W (tpswarp/cpu_pair_gather.h): val[c * ld + p] =
+// the bilinear sample (fill 0) of class plane c at the row-pair taps `t` of pixel p, and with
+// kCoords also dx / dy [c * ld + p] = d val / d px and d val / d py from the same loads (`kx`, `ky`:
+// bilinear_coord_coefs of each pixel's taps moved onto its row pairs).
+template <bool kCoords>
+TPSWARP_TARGET_AVX2 void warped_gather_pairs_avx2(const float* plane0, int64_t cs, int64_t C, int64_t P,
+                                                  const PairTaps<kKLBlock>& t, const PairWeights<kKLBlock>& kx,
+                                                  const PairWeights<kKLBlock>& ky, float* val, float* dx, float* dy,
+                                                  int64_t ld) {
+  if constexpr (!kCoords) {
+    gather_pairs_avx2(plane0, C, cs, val, ld, P, t, 0.f);
+  } else {
+    const __m256i order = pair_lane_order();
+    const __m256 zero = _mm256_setzero_ps();
+    int64_t p = 0;
+    for (; p + 8 <= P; p += 8) {
+      const PairWeightsAvx2 w = load_pair_weights(t, p), wx = load_pair_weights(kx, p), wy = load_pair_weights(ky, p);
+      const float* plane = plane0;
+      for (int64_t c = 0; c < C; ++c, plane += cs) {
+        __m256 vtr, vbr;
+        const __m256 vtl = load_pairs(plane, t.ot + p, &vtr);
+        const __m256 vbl = load_pairs(plane, t.ob + p, &vbr);
+        const __m256 v = _mm256_add_ps(pair_combine(w, vtl, vtr, vbl, vbr, zero), zero);
+        _mm256_storeu_ps(val + c * ld + p, _mm256_permutevar8x32_ps(v, order));
+        _mm256_storeu_ps(dx + c * ld + p, _mm256_permutevar8x32_ps(pair_combine(wx, vtl, vtr, vbl, vbr, zero), order));
+        _mm256_storeu_ps(dy + c * ld + p, _mm256_permutevar8x32_ps(pair_combine(wy, vtl, vtr, vbl, vbr, zero), order));
+      }
+    }
+    for (; p < P; ++p) {
+      for (int64_t c = 0; c < C; ++c) {
+        const float* plane = plane0 + c * cs;
+        const float vtl = plane[t.ot[p]], vtr = plane[t.ot[p] + 1], vbl = plane[t.ob[p]], vbr = plane[t.ob[p] + 1];
+        val[c * ld + p] = bilinear_combine(plane, int64_t(t.ot[p]), int64_t(t.ot[p]) + 1, int64_t(t.ob[p]),
+                                           int64_t(t.ob[p]) + 1, t.lt[p], t.rt[p], t.lb[p], t.rb[p], 0.f);
+        dx[c * ld + p] = kx.lt[p] * vtl + kx.rt[p] * vtr + kx.lb[p] * vbl + kx.rb[p] * vbr;
+        dy[c * ld + p] = ky.lt[p] * vtl + ky.rt[p] * vtr + ky.lb[p] * vbl + ky.rb[p] * vbr;
+      }
+    }
+  }
+}
+#endif
 
 }  // namespace cpu
 }  // namespace tpswarp
@@ -167,10 +211,42 @@ bool plane_offsets_fit_int32(const Problem& pb, const int64_t* ts) {
   return ts[2] >= 0 && ts[3] >= 0 && span < (int64_t(1) << 31);
 }
 
+// Gathers the block's student values into sbuf and its warped teacher into tbuf ([C][kBlock]).
+// With dxbuf / dybuf (the backward of the TPS parameters), it may also store d tbuf / d (px, py)
+// there, from the same loads, and then returns true (float32 teachers with unit stride along W
+// on AVX2 machines); else the caller computes those itself.
 template <typename scalar_t, typename acc>
-void gather_block(const Problem& pb, const Block<acc>& blk, const scalar_t* student_b, const int64_t* ss,
-                  const scalar_t* teacher_b, const int64_t* ts, int64_t i, int64_t j0, acc* sbuf, acc* tbuf) {
+bool gather_block(const Problem& pb, const Block<acc>& blk, const scalar_t* student_b, const int64_t* ss,
+                  const scalar_t* teacher_b, const int64_t* ts, int64_t i, int64_t j0, acc* sbuf, acc* tbuf,
+                  acc* dxbuf = nullptr, acc* dybuf = nullptr) {
+  auto copy_student = [&] {
+    for (int64_t c = 0; c < pb.C; ++c) {
+      const scalar_t* row = student_b + c * ss[1] + i * ss[2] + j0 * ss[3];
+      for (int64_t p = 0; p < blk.P; ++p) sbuf[c * kBlock + p] = static_cast<acc>(row[p * ss[3]]);
+    }
+  };
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc, float>) {
+#if TPSWARP_X86_MULTIVERSION
+    if (plane_offsets_fit_int32(pb, ts) && ts[3] == 1 && pb.Wt >= 2 && cpu::cpu_has_avx2()) {
+      cpu::PairTaps<kBlock> pt;
+      cpu::PairWeights<kBlock> kx, ky;
+      const int32_t sh = static_cast<int32_t>(ts[2]), last = static_cast<int32_t>(pb.Wt - 2);
+      for (int64_t p = 0; p < blk.P; ++p) {
+        const auto pc = cpu::set_pair_tap(pt, p, blk.tap[p], sh, last);
+        if (dxbuf) {
+          const auto k = bilinear_coord_coefs(blk.tap[p]);
+          cpu::pair_weights(kx, p, pc, k.x00, k.x10, k.x01, k.x11);
+          cpu::pair_weights(ky, p, pc, k.y00, k.y10, k.y01, k.y11);
+        }
+      }
+      if (dxbuf)
+        cpu::warped_gather_pairs_avx2<true>(teacher_b, ts[1], pb.C, blk.P, pt, kx, ky, tbuf, dxbuf, dybuf, kBlock);
+      else
+        cpu::warped_gather_pairs_avx2<false>(teacher_b, ts[1], pb.C, blk.P, pt, kx, ky, tbuf, nullptr, nullptr, kBlock);
+      copy_student();
+      return dxbuf != nullptr;
+    }
+#endif
     if (plane_offsets_fit_int32(pb, ts)) {
       int32_t o[4][kBlock];
       float w[4][kBlock];
@@ -188,11 +264,8 @@ void gather_block(const Problem& pb, const Block<acc>& blk, const scalar_t* stud
       }
       cpu::warped_gather_taps(teacher_b, ts[1], pb.C, blk.P, o[0], o[1], o[2], o[3], w[0], w[1], w[2], w[3], tbuf,
                               kBlock);
-      for (int64_t c = 0; c < pb.C; ++c) {
-        const scalar_t* row = student_b + c * ss[1] + i * ss[2] + j0 * ss[3];
-        for (int64_t p = 0; p < blk.P; ++p) sbuf[c * kBlock + p] = row[p * ss[3]];
-      }
-      return;
+      copy_student();
+      return false;
     }
   }
   for (int64_t c = 0; c < pb.C; ++c) {
@@ -203,6 +276,7 @@ void gather_block(const Problem& pb, const Block<acc>& blk, const scalar_t* stud
       sbuf[c * kBlock + p] = static_cast<acc>(row[p * ss[3]]);
     }
   }
+  return false;
 }
 
 // size=(H, W): the student (B, C, hs, ws) and the teacher (B, C, ht, wt) read through the
@@ -407,12 +481,15 @@ void backward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t
 
   // One task = one output row (b, i): its parameter partials have a fixed owner, and with a
   // teacher gradient the tasks of one image run in order on one thread (deterministic scatter).
-  auto run_row = [&](int64_t b, int64_t i, Block<acc>& blk, acc* sbuf, acc* tbuf, acc* gsbuf, acc* gtbuf) {
+  auto run_row = [&](int64_t b, int64_t i, Block<acc>& blk, acc* sbuf, acc* tbuf, acc* gsbuf, acc* gtbuf, acc* dxbuf,
+                     acc* dybuf) {
     acc* part = rowp ? rowp + (b * pb.H + i) * row_len : nullptr;
     acc scale[kBlock];
     for (int64_t j0 = 0; j0 < pb.W; j0 += kBlock) {
       locate_block<scalar_t, acc>(pb, srcp + b * n * 2, parp + b * (n + 3) * 2, i, j0, blk);
-      gather_block<scalar_t, acc>(pb, blk, sp + b * ss[0], ss.data(), tp + b * ts[0], ts.data(), i, j0, sbuf, tbuf);
+      const bool have_coord_grads = gather_block<scalar_t, acc>(pb, blk, sp + b * ss[0], ss.data(), tp + b * ts[0],
+                                                                ts.data(), i, j0, sbuf, tbuf, part ? dxbuf : nullptr,
+                                                                part ? dybuf : nullptr);
       const int64_t o = b * pb.H * pb.W + i * pb.W + j0;
       for (int64_t p = 0; p < blk.P; ++p) scale[p] = (per_pixel_factor ? fp[o + p] : fp[0]) * wp[o + p];
       block_kl_grad<acc>(pb, blk.P, sbuf, tbuf, scale, gsbuf, gtbuf);
@@ -429,7 +506,20 @@ void backward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t
             bilinear_scatter(blk.tap[p], pb.Wt, 1, gtbuf[c * kBlock + p], [&](int64_t off, acc v) { plane[off] += v; });
         }
       }
-      if (part) {
+      if (part && have_coord_grads) {
+        acc dpx[kBlock] = {}, dpy[kBlock] = {};
+        for (int64_t c = 0; c < pb.C; ++c) {
+          for (int64_t p = 0; p < blk.P; ++p) {
+            dpx[p] += gtbuf[c * kBlock + p] * dxbuf[c * kBlock + p];
+            dpy[p] += gtbuf[c * kBlock + p] * dybuf[c * kBlock + p];
+          }
+        }
+        for (int64_t p = 0; p < blk.P; ++p) {
+          if (scale[p] == acc(0)) continue;
+          tps_eval_backward<acc>(blk.qx[p], blk.qy[p], srcp + b * n * 2, parp + b * (n + 3) * 2, n,
+                                 Vec2<acc>{dpx[p] * sx, dpy[p] * sy}, part, part + 2 * n);
+        }
+      } else if (part) {
         for (int64_t p = 0; p < blk.P; ++p) {
           if (scale[p] == acc(0)) continue;
           acc dpx = 0, dpy = 0;
@@ -448,20 +538,22 @@ void backward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t
 
   auto with_buffers = [&](auto&& body) {
     Block<acc> blk;
+    const int64_t coord = rowp ? pb.C * kBlock : 0;
     std::vector<acc> sbuf(pb.C * kBlock), tbuf(pb.C * kBlock), gsbuf(pb.C * kBlock), gtbuf(pb.C * kBlock);
-    body(blk, sbuf.data(), tbuf.data(), gsbuf.data(), gtbuf.data());
+    std::vector<acc> dxbuf(coord), dybuf(coord);
+    body(blk, sbuf.data(), tbuf.data(), gsbuf.data(), gtbuf.data(), dxbuf.data(), dybuf.data());
   };
   if (gtp) {
     at::parallel_for(0, pb.B, 1, [&](int64_t begin, int64_t end) {
-      with_buffers([&](Block<acc>& blk, acc* sb, acc* tb, acc* gsb, acc* gtb) {
+      with_buffers([&](Block<acc>& blk, acc* sb, acc* tb, acc* gsb, acc* gtb, acc* dxb, acc* dyb) {
         for (int64_t b = begin; b < end; ++b)
-          for (int64_t i = 0; i < pb.H; ++i) run_row(b, i, blk, sb, tb, gsb, gtb);
+          for (int64_t i = 0; i < pb.H; ++i) run_row(b, i, blk, sb, tb, gsb, gtb, dxb, dyb);
       });
     });
   } else {
     at::parallel_for(0, pb.B * pb.H, 1, [&](int64_t begin, int64_t end) {
-      with_buffers([&](Block<acc>& blk, acc* sb, acc* tb, acc* gsb, acc* gtb) {
-        for (int64_t r = begin; r < end; ++r) run_row(r / pb.H, r % pb.H, blk, sb, tb, gsb, gtb);
+      with_buffers([&](Block<acc>& blk, acc* sb, acc* tb, acc* gsb, acc* gtb, acc* dxb, acc* dyb) {
+        for (int64_t r = begin; r < end; ++r) run_row(r / pb.H, r % pb.H, blk, sb, tb, gsb, gtb, dxb, dyb);
       });
     });
   }
