@@ -40,6 +40,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "tpswarp/cpu_fastmath.h"  // cpu::lane_sum8
 #include "tpswarp/cpu_pair_gather.h"  // also TPSWARP_X86_MULTIVERSION, TPSWARP_TARGET_AVX2, cpu_has_avx2
 #include "tpswarp/sampling.h"
 #include "tpswarp/show.h"
@@ -51,8 +52,6 @@ namespace {
 
 constexpr const char* kOp = "tps_warp";
 constexpr int64_t kChunk = 128;  // output columns per inner block
-constexpr int kLanes = 8;        // partial sums per reduction (fixed: results independent of the ISA)
-static_assert(kLanes == 8, "lane_sum combines 8 partial sums");
 
 // ---------------------------------------------------------------------------------------------
 // Vectorizable building blocks
@@ -138,18 +137,6 @@ C10_ALWAYS_INLINE void tps_row_impl(const Geometry<acc>& g, int64_t b, acc qy, i
   }
 }
 
-// sum_j x[j] in a fixed order (kLanes partial sums, then a fixed tree): vectorizes, and the result
-// does not depend on the ISA's vector width.
-C10_ALWAYS_INLINE float lane_sum(const float* __restrict x, int64_t len) {
-  float s[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= len; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) s[l] += x[j + l];
-  }
-  for (int l = 0; j < len; ++j, ++l) s[l] += x[j];
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
-
 // Adds the gradients of sum_j <(gfx_j, gfy_j), f(q_j)> w.r.t. src and params to `grad`
 // (grad src (2n), then grad params (2n + 6)), for the columns [j0, j0 + len) of one output row.
 // float32: `logs` from tps_row_impl<float, true> of the same columns.
@@ -164,17 +151,17 @@ C10_ALWAYS_INLINE void tps_row_backward_impl(const Geometry<acc>& g, int64_t b, 
   acc* grad_src = grad;
   acc* grad_params = grad + 2 * n;
   if constexpr (std::is_same_v<acc, float>) {
-    // Per-column terms in a vectorized loop, then sums in a fixed order (lane_sum).
+    // Per-column terms in a vectorized loop, then sums in a fixed order (cpu::lane_sum8 of tpswarp/cpu_fastmath.h).
     alignas(64) float t0[kChunk], t1[kChunk], t2[kChunk], t3[kChunk];
     for (int64_t j = 0; j < len; ++j) {
       t0[j] = gfx[j] * qx[j];
       t1[j] = gfy[j] * qx[j];
     }
-    const float sx = lane_sum(gfx, len), sy = lane_sum(gfy, len);
+    const float sx = cpu::lane_sum8(gfx, len), sy = cpu::lane_sum8(gfy, len);
     grad_params[2 * n] += sx;
     grad_params[2 * n + 1] += sy;
-    grad_params[2 * n + 2] += lane_sum(t0, len);
-    grad_params[2 * n + 3] += lane_sum(t1, len);
+    grad_params[2 * n + 2] += cpu::lane_sum8(t0, len);
+    grad_params[2 * n + 3] += cpu::lane_sum8(t1, len);
     grad_params[2 * n + 4] += sx * qy;
     grad_params[2 * n + 5] += sy * qy;
     for (int64_t i = 0; i < n; ++i) {
@@ -192,10 +179,10 @@ C10_ALWAYS_INLINE void tps_row_backward_impl(const Geometry<acc>& g, int64_t b, 
         t2[j] = k * dx;
         t3[j] = k * dy;
       }
-      grad_params[2 * i] += lane_sum(t0, len);
-      grad_params[2 * i + 1] += lane_sum(t1, len);
-      grad_src[2 * i] -= lane_sum(t2, len);
-      grad_src[2 * i + 1] -= lane_sum(t3, len);
+      grad_params[2 * i] += cpu::lane_sum8(t0, len);
+      grad_params[2 * i + 1] += cpu::lane_sum8(t1, len);
+      grad_src[2 * i] -= cpu::lane_sum8(t2, len);
+      grad_src[2 * i + 1] -= cpu::lane_sum8(t3, len);
     }
   } else {
     for (int64_t j = 0; j < len; ++j) {

@@ -58,6 +58,47 @@ TPSWARP_CPU_CLONES void warped_tps_block(const float* src, const float* params, 
   }
 }
 
+// Adds the gradients of sum_p <(gx[p], gy[p]), f(qx[p], qy)> (f as warped_tps_block computes it,
+// the terms of tps_eval_backward) w.r.t. src to grad[0, 2n) and w.r.t. params to grad[2n, 4n + 6):
+// per-pixel terms in vectorized loops, sums in a fixed order (lane_sum8).
+TPSWARP_CPU_CLONES void warped_tps_block_backward(const float* src, const float* params, int64_t n, float qy,
+                                                  const float* qx, int64_t P, const float* gx, const float* gy,
+                                                  float* grad) {
+  float* grad_src = grad;
+  float* grad_params = grad + 2 * n;
+  alignas(64) float t0[kKLBlock], t1[kKLBlock], t2[kKLBlock], t3[kKLBlock];
+  for (int64_t p = 0; p < P; ++p) {
+    t0[p] = gx[p] * qx[p];
+    t1[p] = gy[p] * qx[p];
+  }
+  const float sx = lane_sum8(gx, P), sy = lane_sum8(gy, P);
+  grad_params[2 * n] += sx;
+  grad_params[2 * n + 1] += sy;
+  grad_params[2 * n + 2] += lane_sum8(t0, P);
+  grad_params[2 * n + 3] += lane_sum8(t1, P);
+  grad_params[2 * n + 4] += sx * qy;
+  grad_params[2 * n + 5] += sy * qy;
+  for (int64_t i = 0; i < n; ++i) {
+    const float cx = src[2 * i], dy = qy - src[2 * i + 1], wx = params[2 * i], wy = params[2 * i + 1];
+    for (int64_t p = 0; p < P; ++p) {
+      const float dx = qx[p] - cx;
+      const float r2 = dx * dx + dy * dy;
+      const float lg = fast_log(r2);
+      const float phi = r2 > 0.f ? 0.5f * r2 * lg : 0.f;
+      // <g, W_i> * dphi/dr2 * 2 = <g, W_i> (log r2 + 1), 0 at r2 = 0
+      const float k = r2 > 0.f ? (gx[p] * wx + gy[p] * wy) * (lg + 1.f) : 0.f;
+      t0[p] = gx[p] * phi;
+      t1[p] = gy[p] * phi;
+      t2[p] = k * dx;
+      t3[p] = k * dy;
+    }
+    grad_params[2 * i] += lane_sum8(t0, P);
+    grad_params[2 * i + 1] += lane_sum8(t1, P);
+    grad_src[2 * i] -= lane_sum8(t2, P);
+    grad_src[2 * i + 1] -= lane_sum8(t3, P);
+  }
+}
+
 // tbuf[c * ld + p] = the bilinear sample (fill 0) of class plane c (planes `cs` apart) at the taps
 // (int32 offsets o.., weights w.., 0 for taps outside), as bilinear_combine computes it.
 TPSWARP_CPU_CLONES void warped_gather_taps(const float* plane0, int64_t cs, int64_t C, int64_t P, const int32_t* o00,
@@ -514,10 +555,14 @@ void backward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t
             dpy[p] += gtbuf[c * kBlock + p] * dybuf[c * kBlock + p];
           }
         }
-        for (int64_t p = 0; p < blk.P; ++p) {
-          if (scale[p] == acc(0)) continue;
-          tps_eval_backward<acc>(blk.qx[p], blk.qy[p], srcp + b * n * 2, parp + b * (n + 3) * 2, n,
-                                 Vec2<acc>{dpx[p] * sx, dpy[p] * sy}, part, part + 2 * n);
+        if constexpr (std::is_same_v<acc, float>) {
+          float gx[kBlock], gy[kBlock];
+          for (int64_t p = 0; p < blk.P; ++p) {
+            gx[p] = scale[p] != 0.f ? dpx[p] * sx : 0.f;
+            gy[p] = scale[p] != 0.f ? dpy[p] * sy : 0.f;
+          }
+          cpu::warped_tps_block_backward(srcp + b * n * 2, parp + b * (n + 3) * 2, n, blk.qy[0], blk.qx, blk.P, gx,
+                                         gy, part);
         }
       } else if (part) {
         for (int64_t p = 0; p < blk.P; ++p) {

@@ -78,6 +78,18 @@ TPSWARP_FORCE_INLINE float fast_log(float x) {
   return f + y + 0.693359375f * e;
 }
 
+// sum_j x[j] in a fixed order (8 partial sums, then a fixed tree): vectorizes without
+// reassociation, and the result does not depend on the ISA's vector width.
+TPSWARP_FORCE_INLINE float lane_sum8(const float* __restrict x, int64_t len) {
+  float s[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    for (int l = 0; l < 8; ++l) s[l] += x[j + l];
+  }
+  for (int l = 0; j < len; ++j, ++l) s[l] += x[j];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
 }  // namespace cpu
 }  // namespace tpswarp
 

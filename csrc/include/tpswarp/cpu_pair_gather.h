@@ -18,6 +18,8 @@
 #include <immintrin.h>
 #define TPSWARP_X86_MULTIVERSION 1
 #define TPSWARP_TARGET_AVX2 __attribute__((target("avx2,fma")))
+// Small AVX2 helpers: forced inline (GCC does not inline a plain `inline` target function everywhere).
+#define TPSWARP_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
 #else
 #define TPSWARP_X86_MULTIVERSION 0
 #define TPSWARP_TARGET_AVX2
@@ -94,11 +96,11 @@ TPSWARP_INLINE PairColumns set_pair_tap(PairTaps<N>& t, int64_t j, const Bilinea
 
 #if TPSWARP_X86_MULTIVERSION
 // The permutation of lanes that load_pairs produces (0, 1, 4, 5, 2, 3, 6, 7): its own inverse.
-TPSWARP_TARGET_AVX2 inline __m256i pair_lane_order() { return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7); }
+TPSWARP_AVX2_INLINE __m256i pair_lane_order() { return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7); }
 
 // Four row pairs (v[o], v[o + 1]) of eight pixels as (left, right) vectors, in the lane order
 // of pair_lane_order (the order of _mm256_shuffle_ps over two 128-bit halves).
-TPSWARP_TARGET_AVX2 inline __m256 load_pairs(const float* p, const int32_t* o, __m256* right) {
+TPSWARP_AVX2_INLINE __m256 load_pairs(const float* p, const int32_t* o, __m256* right) {
   const __m128 a = _mm_castpd_ps(_mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(p + o[0])),
                                               reinterpret_cast<const double*>(p + o[1])));
   const __m128 b = _mm_castpd_ps(_mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(p + o[2])),
@@ -116,7 +118,7 @@ TPSWARP_TARGET_AVX2 inline __m256 load_pairs(const float* p, const int32_t* o, _
 struct PairWeightsAvx2 {
   __m256 lt, rt, lb, rb;
 };
-template <int64_t N> TPSWARP_TARGET_AVX2 inline PairWeightsAvx2 load_pair_weights(const PairWeights<N>& w, int64_t j) {
+template <int64_t N> TPSWARP_AVX2_INLINE PairWeightsAvx2 load_pair_weights(const PairWeights<N>& w, int64_t j) {
   const __m256i order = pair_lane_order();
   return {_mm256_permutevar8x32_ps(_mm256_loadu_ps(w.lt + j), order),
           _mm256_permutevar8x32_ps(_mm256_loadu_ps(w.rt + j), order),
@@ -125,7 +127,7 @@ template <int64_t N> TPSWARP_TARGET_AVX2 inline PairWeightsAvx2 load_pair_weight
 }
 
 // lt (vtl - fill) + rt (vtr - fill) + lb (vbl - fill) + rb (vbr - fill), in bilinear_combine's order.
-TPSWARP_TARGET_AVX2 inline __m256 pair_combine(const PairWeightsAvx2& w, __m256 vtl, __m256 vtr, __m256 vbl,
+TPSWARP_AVX2_INLINE __m256 pair_combine(const PairWeightsAvx2& w, __m256 vtl, __m256 vtr, __m256 vbl,
                                                __m256 vbr, __m256 fill) {
   __m256 o = _mm256_mul_ps(w.lt, _mm256_sub_ps(vtl, fill));
   o = _mm256_fmadd_ps(w.rt, _mm256_sub_ps(vtr, fill), o);
