@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -114,6 +115,29 @@ TPSWARP_CPU_CLONES void warped_gather_taps(const float* plane0, int64_t cs, int6
       v += w01[p] * plane[o01[p]];
       v += w11[p] * plane[o11[p]];
       out[p] = v + 0.f;
+    }
+  }
+}
+
+// Sample locations f = (fx[p], fy[p]) of a block on a teacher of Ht x Wt pixels (zero padding), in one
+// vectorized loop: validity (1 / 0), the row-pair taps for a plane with row stride sh
+// (tpswarp/cpu_pair_gather.h) and with kCoords the row-pair coefficients of d sample / d (px, py).
+// (kAlignCorners a template parameter: a loop without branches, which vectorizes.)
+template <bool kCoords, bool kAlignCorners>
+TPSWARP_CPU_CLONES void warped_pair_taps(const float* fx, const float* fy, int64_t P, int64_t Ht, int64_t Wt, int32_t sh,
+                                         float* valid, PairTaps<kKLBlock>& t, PairWeights<kKLBlock>& kx,
+                                         PairWeights<kKLBlock>& ky) {
+  const int32_t last = static_cast<int32_t>(Wt - 2);
+  for (int64_t p = 0; p < P; ++p) {
+    const float px = normalized_to_pixel(fx[p], Wt, kAlignCorners);
+    const float py = normalized_to_pixel(fy[p], Ht, kAlignCorners);
+    valid[p] = in_pixel_hull<float>(fx[p], fy[p], Ht, Wt, kAlignCorners) ? 1.f : 0.f;
+    const auto tap = bilinear_tap<float>(px, py, Ht, Wt);
+    const PairColumns pc = set_pair_tap(t, p, tap, sh, last);
+    if constexpr (kCoords) {
+      const auto k = bilinear_coord_coefs(tap);
+      pair_weights(kx, p, pc, k.x00, k.x10, k.x01, k.x11);
+      pair_weights(ky, p, pc, k.y00, k.y10, k.y01, k.y11);
     }
   }
 }
@@ -220,14 +244,39 @@ template <typename acc> struct Block {
   acc valid[kBlock];
 };
 
+// The row-pair form of a block's taps (float32 teacher planes with unit stride along W: use_pairs),
+// and with `coords` the coefficients of the sample's derivatives w.r.t. its location.
+struct PairBlock {
+  cpu::PairTaps<kBlock> t;
+  cpu::PairWeights<kBlock> kx, ky;
+  int32_t sh;   // teacher row stride
+  bool coords;  // kx, ky wanted (the backward of src / params)
+};
+
+// With `pairs` (float32 only), the taps are computed in row-pair form there (blk.tap is not set).
 template <typename scalar_t, typename acc>
-void locate_block(const Problem& pb, const acc* src_b, const acc* params_b, int64_t i, int64_t j0, Block<acc>& blk) {
+void locate_block(const Problem& pb, const acc* src_b, const acc* params_b, int64_t i, int64_t j0, Block<acc>& blk,
+                  PairBlock* pairs = nullptr) {
   blk.P = std::min(kBlock, pb.W - j0);
   const acc qy = pixel_to_normalized<acc>(i, pb.H, pb.align_corners);
   acc fx[kBlock], fy[kBlock];
   if constexpr (std::is_same_v<acc, float>) {
     for (int64_t p = 0; p < blk.P; ++p) blk.qx[p] = pixel_to_normalized<acc>(j0 + p, pb.W, pb.align_corners);
     cpu::warped_tps_block(src_b, params_b, pb.n, qy, blk.qx, blk.P, fx, fy);
+    if (pairs) {
+      for (int64_t p = 0; p < blk.P; ++p) blk.qy[p] = qy;
+      auto taps = [&](auto coords, auto align_corners) {
+        cpu::warped_pair_taps<decltype(coords)::value, decltype(align_corners)::value>(
+            fx, fy, blk.P, pb.Ht, pb.Wt, pairs->sh, blk.valid, pairs->t, pairs->kx, pairs->ky);
+      };
+      using yes = std::true_type;
+      using no = std::false_type;
+      if (pairs->coords)
+        pb.align_corners ? taps(yes{}, yes{}) : taps(yes{}, no{});
+      else
+        pb.align_corners ? taps(no{}, yes{}) : taps(no{}, no{});
+      return;
+    }
   } else {
     for (int64_t p = 0; p < blk.P; ++p) {
       blk.qx[p] = pixel_to_normalized<acc>(j0 + p, pb.W, pb.align_corners);
@@ -256,11 +305,23 @@ bool plane_offsets_fit_int32(const Problem& pb, const int64_t* ts) {
 // With dxbuf / dybuf (the backward of the TPS parameters), it may also store d tbuf / d (px, py)
 // there, from the same loads, and then returns true (float32 teachers with unit stride along W
 // on AVX2 machines); else the caller computes those itself.
+// The row-pair path (PairBlock) serves float32 teachers with unit stride along W, int32 plane offsets
+// and Wt >= 2 on AVX2 machines.
+template <typename scalar_t, typename acc> bool use_pairs(const Problem& pb, const int64_t* ts) {
+#if TPSWARP_X86_MULTIVERSION
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc, float>) {
+    return plane_offsets_fit_int32(pb, ts) && ts[3] == 1 && pb.Wt >= 2 && cpu::cpu_has_avx2();
+  }
+#endif
+  return false;
+}
+
 template <typename scalar_t, typename acc>
 bool gather_block(const Problem& pb, const Block<acc>& blk, const scalar_t* student_b, const int64_t* ss,
                   const scalar_t* teacher_b, const int64_t* ts, int64_t i, int64_t j0, acc* sbuf, acc* tbuf,
-                  acc* dxbuf = nullptr, acc* dybuf = nullptr) {
+                  acc* dxbuf = nullptr, acc* dybuf = nullptr, const PairBlock* pairs = nullptr, bool copy_s = true) {
   auto copy_student = [&] {
+    if (!copy_s) return;
     for (int64_t c = 0; c < pb.C; ++c) {
       const scalar_t* row = student_b + c * ss[1] + i * ss[2] + j0 * ss[3];
       for (int64_t p = 0; p < blk.P; ++p) sbuf[c * kBlock + p] = static_cast<acc>(row[p * ss[3]]);
@@ -268,24 +329,15 @@ bool gather_block(const Problem& pb, const Block<acc>& blk, const scalar_t* stud
   };
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc, float>) {
 #if TPSWARP_X86_MULTIVERSION
-    if (plane_offsets_fit_int32(pb, ts) && ts[3] == 1 && pb.Wt >= 2 && cpu::cpu_has_avx2()) {
-      cpu::PairTaps<kBlock> pt;
-      cpu::PairWeights<kBlock> kx, ky;
-      const int32_t sh = static_cast<int32_t>(ts[2]), last = static_cast<int32_t>(pb.Wt - 2);
-      for (int64_t p = 0; p < blk.P; ++p) {
-        const auto pc = cpu::set_pair_tap(pt, p, blk.tap[p], sh, last);
-        if (dxbuf) {
-          const auto k = bilinear_coord_coefs(blk.tap[p]);
-          cpu::pair_weights(kx, p, pc, k.x00, k.x10, k.x01, k.x11);
-          cpu::pair_weights(ky, p, pc, k.y00, k.y10, k.y01, k.y11);
-        }
-      }
-      if (dxbuf)
-        cpu::warped_gather_pairs_avx2<true>(teacher_b, ts[1], pb.C, blk.P, pt, kx, ky, tbuf, dxbuf, dybuf, kBlock);
+    if (pairs) {
+      if (dxbuf && pairs->coords)
+        cpu::warped_gather_pairs_avx2<true>(teacher_b, ts[1], pb.C, blk.P, pairs->t, pairs->kx, pairs->ky, tbuf, dxbuf,
+                                            dybuf, kBlock);
       else
-        cpu::warped_gather_pairs_avx2<false>(teacher_b, ts[1], pb.C, blk.P, pt, kx, ky, tbuf, nullptr, nullptr, kBlock);
+        cpu::warped_gather_pairs_avx2<false>(teacher_b, ts[1], pb.C, blk.P, pairs->t, pairs->kx, pairs->ky, tbuf,
+                                             nullptr, nullptr, kBlock);
       copy_student();
-      return dxbuf != nullptr;
+      return dxbuf != nullptr && pairs->coords;
     }
 #endif
     if (plane_offsets_fit_int32(pb, ts)) {
@@ -314,7 +366,7 @@ bool gather_block(const Problem& pb, const Block<acc>& blk, const scalar_t* stud
     const scalar_t* row = student_b + c * ss[1] + i * ss[2] + j0 * ss[3];
     for (int64_t p = 0; p < blk.P; ++p) {
       tbuf[c * kBlock + p] = bilinear_sample<scalar_t, acc>(plane, ts[2], ts[3], blk.tap[p], acc(0));
-      sbuf[c * kBlock + p] = static_cast<acc>(row[p * ss[3]]);
+      if (copy_s) sbuf[c * kBlock + p] = static_cast<acc>(row[p * ss[3]]);
     }
   }
   return false;
@@ -352,41 +404,41 @@ void gather_block_sized(const Problem& pb, const Block<acc>& blk, const SizedAxe
   }
 }
 
-// Per-pixel KL of a gathered block into out[p]; float uses the vectorized block math.
+// Per-pixel KL of a block into out[p]: student values s[c * scs + p] (the student tensor itself or
+// a gathered copy), warped teacher tbuf[c * kBlock + p]; float uses the vectorized block math.
 template <typename acc>
-void block_kl(const Problem& pb, int64_t P, const acc* sbuf, const acc* tbuf, acc* out) {
+void block_kl(const Problem& pb, int64_t P, const acc* s, int64_t scs, const acc* tbuf, acc* out) {
   if constexpr (std::is_same_v<acc, float>) {
     cpu::KLBlockStats st;
     if (pb.logits)
-      cpu::kl_block_stats<float, float, true>(sbuf, kBlock, tbuf, kBlock, pb.C, P, st);
+      cpu::kl_block_stats<float, float, true>(s, scs, tbuf, kBlock, pb.C, P, st);
     else
-      cpu::kl_block_stats<float, float, false>(sbuf, kBlock, tbuf, kBlock, pb.C, P, st);
+      cpu::kl_block_stats<float, float, false>(s, scs, tbuf, kBlock, pb.C, P, st);
     for (int64_t p = 0; p < P; ++p) out[p] = st.kl[p];
   } else {
-    for (int64_t p = 0; p < P; ++p) out[p] = kl_pixel<acc>(sbuf + p, kBlock, tbuf + p, kBlock, pb.C, pb.logits).kl;
+    for (int64_t p = 0; p < P; ++p) out[p] = kl_pixel<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits).kl;
   }
 }
 
-// Gradients of scale[p] * KL_p w.r.t. the gathered student and warped teacher values.
+// Gradients of scale[p] * KL_p w.r.t. the student values (into gs[c * gscs + p]) and the warped
+// teacher values (into gtbuf[c * kBlock + p]); either output may be null (not wanted).
 template <typename acc>
-void block_kl_grad(const Problem& pb, int64_t P, const acc* sbuf, const acc* tbuf, const acc* scale, acc* gsbuf,
-                   acc* gtbuf) {
+void block_kl_grad(const Problem& pb, int64_t P, const acc* s, int64_t scs, const acc* tbuf, const acc* scale, acc* gs,
+                   int64_t gscs, acc* gtbuf) {
   if constexpr (std::is_same_v<acc, float>) {
     cpu::KLBlockStats st;
     if (pb.logits) {
-      cpu::kl_block_stats<float, float, true>(sbuf, kBlock, tbuf, kBlock, pb.C, P, st);
-      cpu::kl_block_grad<float, float, float, true>(sbuf, kBlock, tbuf, kBlock, pb.C, P, st, scale, gsbuf, kBlock,
-                                                    gtbuf, kBlock);
+      cpu::kl_block_stats<float, float, true>(s, scs, tbuf, kBlock, pb.C, P, st);
+      cpu::kl_block_grad<float, float, float, true>(s, scs, tbuf, kBlock, pb.C, P, st, scale, gs, gscs, gtbuf, kBlock);
     } else {
-      cpu::kl_block_stats<float, float, false>(sbuf, kBlock, tbuf, kBlock, pb.C, P, st);
-      cpu::kl_block_grad<float, float, float, false>(sbuf, kBlock, tbuf, kBlock, pb.C, P, st, scale, gsbuf, kBlock,
-                                                     gtbuf, kBlock);
+      cpu::kl_block_stats<float, float, false>(s, scs, tbuf, kBlock, pb.C, P, st);
+      cpu::kl_block_grad<float, float, float, false>(s, scs, tbuf, kBlock, pb.C, P, st, scale, gs, gscs, gtbuf, kBlock);
     }
   } else {
     for (int64_t p = 0; p < P; ++p) {
-      const auto st = kl_pixel<acc>(sbuf + p, kBlock, tbuf + p, kBlock, pb.C, pb.logits);
-      kl_pixel_grad<acc>(sbuf + p, kBlock, tbuf + p, kBlock, pb.C, pb.logits, st, scale[p], gsbuf + p, kBlock,
-                         gtbuf + p, kBlock);
+      const auto st = kl_pixel<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits);
+      kl_pixel_grad<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits, st, scale[p], gs ? gs + p : nullptr, gscs,
+                         gtbuf ? gtbuf + p : nullptr, kBlock);
     }
   }
 }
@@ -411,13 +463,19 @@ void forward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t,
   acc* wp = weights.mutable_data_ptr<acc>();
   const auto ss = strides4(s), ts = strides4(t);
   const int64_t blocks_per_row = (pb.W + kBlock - 1) / kBlock;
+  // The KL block math reads the student tensor in place when its pixels are adjacent.
+  const bool s_direct = std::is_same_v<scalar_t, acc> && ss[3] == 1;
   at::parallel_for(0, pb.B * pb.H * blocks_per_row, 1, [&](int64_t begin, int64_t end) {
     Block<acc> blk;
     std::vector<acc> sbuf(pb.C * kBlock), tbuf(pb.C * kBlock);
     acc out[kBlock];
+    auto pairs = std::make_unique<PairBlock>();
+    pairs->sh = static_cast<int32_t>(ts[2]);
+    pairs->coords = false;
+    PairBlock* pp = !sized && use_pairs<scalar_t, acc>(pb, ts.data()) ? pairs.get() : nullptr;
     for (int64_t task = begin; task < end; ++task) {
       const auto [b, i, j0] = block_of_task(pb, task, blocks_per_row);
-      locate_block<scalar_t, acc>(pb, srcp + b * pb.n * 2, parp + b * (pb.n + 3) * 2, i, j0, blk);
+      locate_block<scalar_t, acc>(pb, srcp + b * pb.n * 2, parp + b * (pb.n + 3) * 2, i, j0, blk, pp);
       const int64_t o = b * pb.H * pb.W + i * pb.W + j0;
       if (sized) {
         gather_block_sized<scalar_t, acc>(pb, blk, *sized, sp + b * ss[0], ss, tp + b * ts[0], ts, i, j0, sbuf.data(),
@@ -425,8 +483,12 @@ void forward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t,
         cpu::block_stats<acc>(pb.logits, pb.C, blk.P, sbuf.data(), tbuf.data(), out, stats, o);
       } else {
         gather_block<scalar_t, acc>(pb, blk, sp + b * ss[0], ss.data(), tp + b * ts[0], ts.data(), i, j0, sbuf.data(),
-                                    tbuf.data());
-        block_kl<acc>(pb, blk.P, sbuf.data(), tbuf.data(), out);
+                                    tbuf.data(), nullptr, nullptr, pp, !s_direct);
+        if (s_direct)
+          block_kl<acc>(pb, blk.P, reinterpret_cast<const acc*>(sp) + b * ss[0] + i * ss[2] + j0, ss[1], tbuf.data(),
+                        out);
+        else
+          block_kl<acc>(pb, blk.P, sbuf.data(), kBlock, tbuf.data(), out);
       }
       for (int64_t p = 0; p < blk.P; ++p) {
         wp[o + p] = blk.valid[p];
@@ -446,9 +508,13 @@ void valid_pixels(const Problem& pb, const at::Tensor& src_acc, const at::Tensor
   const int64_t blocks_per_row = (pb.W + kBlock - 1) / kBlock;
   at::parallel_for(0, pb.B * pb.H * blocks_per_row, 16, [&](int64_t begin, int64_t end) {
     Block<acc> blk;
+    // float32: the vectorized row-pair taps (their offsets are not used: any row stride will do)
+    auto pairs = std::make_unique<PairBlock>();
+    pairs->sh = 0;
+    pairs->coords = false;
     for (int64_t task = begin; task < end; ++task) {
       const auto [b, i, j0] = block_of_task(pb, task, blocks_per_row);
-      locate_block<float, acc>(pb, srcp + b * pb.n * 2, parp + b * (pb.n + 3) * 2, i, j0, blk);
+      locate_block<float, acc>(pb, srcp + b * pb.n * 2, parp + b * (pb.n + 3) * 2, i, j0, blk, pairs.get());
       const int64_t o = b * pb.H * pb.W + i * pb.W + j0;
       for (int64_t p = 0; p < blk.P; ++p) wp[o + p] = blk.valid[p];
     }
@@ -522,19 +588,30 @@ void backward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t
 
   // One task = one output row (b, i): its parameter partials have a fixed owner, and with a
   // teacher gradient the tasks of one image run in order on one thread (deterministic scatter).
-  auto run_row = [&](int64_t b, int64_t i, Block<acc>& blk, acc* sbuf, acc* tbuf, acc* gsbuf, acc* gtbuf, acc* dxbuf,
-                     acc* dybuf) {
+  // The row-pair path unless the teacher's gradient is wanted (its scatter reads blk.tap).
+  const bool pair_path = gtp == nullptr && use_pairs<scalar_t, acc>(pb, ts.data());
+  // The KL block math reads the student and writes its gradient in place when their pixels are adjacent.
+  const bool s_direct = std::is_same_v<scalar_t, acc> && ss[3] == 1;
+  const bool gs_direct = std::is_same_v<scalar_t, acc> && gsp != nullptr && gss[3] == 1;
+  auto run_row = [&](int64_t b, int64_t i, Block<acc>& blk, PairBlock& pairs, acc* sbuf, acc* tbuf, acc* gsbuf,
+                     acc* gtbuf, acc* dxbuf, acc* dybuf) {
     acc* part = rowp ? rowp + (b * pb.H + i) * row_len : nullptr;
+    pairs.sh = static_cast<int32_t>(ts[2]);
+    pairs.coords = part != nullptr;
+    PairBlock* pp = pair_path ? &pairs : nullptr;
     acc scale[kBlock];
     for (int64_t j0 = 0; j0 < pb.W; j0 += kBlock) {
-      locate_block<scalar_t, acc>(pb, srcp + b * n * 2, parp + b * (n + 3) * 2, i, j0, blk);
+      locate_block<scalar_t, acc>(pb, srcp + b * n * 2, parp + b * (n + 3) * 2, i, j0, blk, pp);
       const bool have_coord_grads = gather_block<scalar_t, acc>(pb, blk, sp + b * ss[0], ss.data(), tp + b * ts[0],
                                                                 ts.data(), i, j0, sbuf, tbuf, part ? dxbuf : nullptr,
-                                                                part ? dybuf : nullptr);
+                                                                part ? dybuf : nullptr, pp, !s_direct);
       const int64_t o = b * pb.H * pb.W + i * pb.W + j0;
       for (int64_t p = 0; p < blk.P; ++p) scale[p] = (per_pixel_factor ? fp[o + p] : fp[0]) * wp[o + p];
-      block_kl_grad<acc>(pb, blk.P, sbuf, tbuf, scale, gsbuf, gtbuf);
-      if (gsp) {
+      const acc* s_blk = s_direct ? reinterpret_cast<const acc*>(sp) + b * ss[0] + i * ss[2] + j0 : sbuf;
+      acc* gs_blk = gs_direct ? reinterpret_cast<acc*>(gsp) + b * gss[0] + i * gss[2] + j0 : (gsp ? gsbuf : nullptr);
+      block_kl_grad<acc>(pb, blk.P, s_blk, s_direct ? ss[1] : kBlock, tbuf, scale, gs_blk, gs_direct ? gss[1] : kBlock,
+                         gtp || part ? gtbuf : nullptr);
+      if (gsp && !gs_direct) {
         for (int64_t c = 0; c < pb.C; ++c) {
           scalar_t* dst = gsp + b * gss[0] + c * gss[1] + i * gss[2] + j0 * gss[3];
           for (int64_t p = 0; p < blk.P; ++p) dst[p * gss[3]] = static_cast<scalar_t>(gsbuf[c * kBlock + p]);
@@ -583,22 +660,23 @@ void backward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t
 
   auto with_buffers = [&](auto&& body) {
     Block<acc> blk;
+    auto pairs = std::make_unique<PairBlock>();
     const int64_t coord = rowp ? pb.C * kBlock : 0;
     std::vector<acc> sbuf(pb.C * kBlock), tbuf(pb.C * kBlock), gsbuf(pb.C * kBlock), gtbuf(pb.C * kBlock);
     std::vector<acc> dxbuf(coord), dybuf(coord);
-    body(blk, sbuf.data(), tbuf.data(), gsbuf.data(), gtbuf.data(), dxbuf.data(), dybuf.data());
+    body(blk, *pairs, sbuf.data(), tbuf.data(), gsbuf.data(), gtbuf.data(), dxbuf.data(), dybuf.data());
   };
   if (gtp) {
     at::parallel_for(0, pb.B, 1, [&](int64_t begin, int64_t end) {
-      with_buffers([&](Block<acc>& blk, acc* sb, acc* tb, acc* gsb, acc* gtb, acc* dxb, acc* dyb) {
+      with_buffers([&](Block<acc>& blk, PairBlock& pr, acc* sb, acc* tb, acc* gsb, acc* gtb, acc* dxb, acc* dyb) {
         for (int64_t b = begin; b < end; ++b)
-          for (int64_t i = 0; i < pb.H; ++i) run_row(b, i, blk, sb, tb, gsb, gtb, dxb, dyb);
+          for (int64_t i = 0; i < pb.H; ++i) run_row(b, i, blk, pr, sb, tb, gsb, gtb, dxb, dyb);
       });
     });
   } else {
     at::parallel_for(0, pb.B * pb.H, 1, [&](int64_t begin, int64_t end) {
-      with_buffers([&](Block<acc>& blk, acc* sb, acc* tb, acc* gsb, acc* gtb, acc* dxb, acc* dyb) {
-        for (int64_t r = begin; r < end; ++r) run_row(r / pb.H, r % pb.H, blk, sb, tb, gsb, gtb, dxb, dyb);
+      with_buffers([&](Block<acc>& blk, PairBlock& pr, acc* sb, acc* tb, acc* gsb, acc* gtb, acc* dxb, acc* dyb) {
+        for (int64_t r = begin; r < end; ++r) run_row(r / pb.H, r % pb.H, blk, pr, sb, tb, gsb, gtb, dxb, dyb);
       });
     });
   }

@@ -10,6 +10,18 @@
 #define TPSWARP_HOST_DEVICE
 #endif
 
+// Forced inlining of the small per-pixel functions: the CPU kernels' inner loops are compiled with
+// other options than these headers' default (function-level target attributes, target clones, the
+// no-trapping-math region below), and GCC does not inline a plain `inline` function across such a
+// difference: the call stays in the loop and stops its vectorization.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define TPSWARP_INLINE __forceinline__
+#elif defined(__GNUC__)
+#define TPSWARP_INLINE inline __attribute__((always_inline))
+#else
+#define TPSWARP_INLINE inline
+#endif
+
 // Code between TPSWARP_NO_TRAPPING_MATH_BEGIN and TPSWARP_NO_TRAPPING_MATH_END (CPU only) is
 // compiled by GCC without -ftrapping-math: its loops vectorize only if GCC may evaluate both sides
 // of a select, which the default forbids for arithmetic that "may trap". Nothing in tpswarp reads
@@ -29,20 +41,20 @@ template <typename T> struct acc_type { using type = float; };
 template <> struct acc_type<double> { using type = double; };
 template <typename T> using acc_t = typename acc_type<T>::type;
 
-TPSWARP_HOST_DEVICE inline float exp_(float x) { return expf(x); }
-TPSWARP_HOST_DEVICE inline double exp_(double x) { return exp(x); }
-TPSWARP_HOST_DEVICE inline float log_(float x) { return logf(x); }
-TPSWARP_HOST_DEVICE inline double log_(double x) { return log(x); }
-TPSWARP_HOST_DEVICE inline float floor_(float x) { return floorf(x); }
-TPSWARP_HOST_DEVICE inline double floor_(double x) { return floor(x); }
-TPSWARP_HOST_DEVICE inline float abs_(float x) { return fabsf(x); }
-TPSWARP_HOST_DEVICE inline double abs_(double x) { return fabs(x); }
-TPSWARP_HOST_DEVICE inline float nearbyint_(float x) { return nearbyintf(x); }
-TPSWARP_HOST_DEVICE inline double nearbyint_(double x) { return nearbyint(x); }
+TPSWARP_HOST_DEVICE TPSWARP_INLINE float exp_(float x) { return expf(x); }
+TPSWARP_HOST_DEVICE TPSWARP_INLINE double exp_(double x) { return exp(x); }
+TPSWARP_HOST_DEVICE TPSWARP_INLINE float log_(float x) { return logf(x); }
+TPSWARP_HOST_DEVICE TPSWARP_INLINE double log_(double x) { return log(x); }
+TPSWARP_HOST_DEVICE TPSWARP_INLINE float floor_(float x) { return floorf(x); }
+TPSWARP_HOST_DEVICE TPSWARP_INLINE double floor_(double x) { return floor(x); }
+TPSWARP_HOST_DEVICE TPSWARP_INLINE float abs_(float x) { return fabsf(x); }
+TPSWARP_HOST_DEVICE TPSWARP_INLINE double abs_(double x) { return fabs(x); }
+TPSWARP_HOST_DEVICE TPSWARP_INLINE float nearbyint_(float x) { return nearbyintf(x); }
+TPSWARP_HOST_DEVICE TPSWARP_INLINE double nearbyint_(double x) { return nearbyint(x); }
 
-template <typename T> TPSWARP_HOST_DEVICE inline T max_(T a, T b) { return a > b ? a : b; }
-template <typename T> TPSWARP_HOST_DEVICE inline T min_(T a, T b) { return a < b ? a : b; }
-template <typename T> TPSWARP_HOST_DEVICE inline T clamp_(T x, T lo, T hi) { return min_(max_(x, lo), hi); }
+template <typename T> TPSWARP_HOST_DEVICE TPSWARP_INLINE T max_(T a, T b) { return a > b ? a : b; }
+template <typename T> TPSWARP_HOST_DEVICE TPSWARP_INLINE T min_(T a, T b) { return a < b ? a : b; }
+template <typename T> TPSWARP_HOST_DEVICE TPSWARP_INLINE T clamp_(T x, T lo, T hi) { return min_(max_(x, lo), hi); }
 
 // Reductions of the loss ops; the order matches the schema's `reduction` strings.
 enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };

@@ -17,16 +17,7 @@
 #include "tpswarp/common.h"
 #include "tpswarp/tps.h"  // Vec2, pixel_to_normalized, normalized_to_pixel(_scale)
 
-// Forced inlining: these small functions sit in the inner loops of the CPU kernels, which are
-// compiled for several ISAs (function-level target attributes); plain `inline` functions are not
-// always inlined there, and a call in a loop stops its vectorization.
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define TPSWARP_INLINE __forceinline__
-#elif defined(__GNUC__)
-#define TPSWARP_INLINE inline __attribute__((always_inline))
-#else
-#define TPSWARP_INLINE inline
-#endif
+// The functions here are TPSWARP_INLINE (tpswarp/common.h): they sit in the CPU kernels' inner loops.
 
 namespace tpswarp {
 

@@ -9,13 +9,13 @@
 namespace tpswarp {
 
 // phi as a function of r2 = r^2, with phi(0) = 0.
-template <typename acc> TPSWARP_HOST_DEVICE inline acc tps_phi(acc r2) {
+template <typename acc> TPSWARP_HOST_DEVICE TPSWARP_INLINE acc tps_phi(acc r2) {
   return r2 > acc(0) ? acc(0.5) * r2 * log_(r2) : acc(0);
 }
 
 // d phi / d r2 = (log r2 + 1) / 2; its product with d r2 / dq = 2 (q - c) vanishes at r2 = 0,
 // so 0 is returned there.
-template <typename acc> TPSWARP_HOST_DEVICE inline acc tps_dphi_dr2(acc r2) {
+template <typename acc> TPSWARP_HOST_DEVICE TPSWARP_INLINE acc tps_dphi_dr2(acc r2) {
   return r2 > acc(0) ? acc(0.5) * (log_(r2) + acc(1)) : acc(0);
 }
 
@@ -78,22 +78,22 @@ TPSWARP_HOST_DEVICE inline Vec2<acc> tps_eval_backward(acc qx, acc qy, const P* 
 }
 
 // Normalized coordinate of output pixel i along an axis of `size` pixels (grid_sample convention).
-template <typename acc> TPSWARP_HOST_DEVICE inline acc pixel_to_normalized(int64_t i, int64_t size, bool align_corners) {
+template <typename acc> TPSWARP_HOST_DEVICE TPSWARP_INLINE acc pixel_to_normalized(int64_t i, int64_t size, bool align_corners) {
   if (align_corners) return size > 1 ? acc(2) * acc(i) / acc(size - 1) - acc(1) : acc(0);
   return (acc(2) * acc(i) + acc(1)) / acc(size) - acc(1);
 }
 
 // Normalized coordinate -> pixel coordinate (grid_sample's unnormalize), and d pixel / d coord.
-template <typename acc> TPSWARP_HOST_DEVICE inline acc normalized_to_pixel(acc coord, int64_t size, bool align_corners) {
+template <typename acc> TPSWARP_HOST_DEVICE TPSWARP_INLINE acc normalized_to_pixel(acc coord, int64_t size, bool align_corners) {
   return align_corners ? (coord + acc(1)) / acc(2) * acc(size - 1) : ((coord + acc(1)) * acc(size) - acc(1)) / acc(2);
 }
-template <typename acc> TPSWARP_HOST_DEVICE inline acc normalized_to_pixel_scale(int64_t size, bool align_corners) {
+template <typename acc> TPSWARP_HOST_DEVICE TPSWARP_INLINE acc normalized_to_pixel_scale(int64_t size, bool align_corners) {
   return align_corners ? acc(size - 1) / acc(2) : acc(size) / acc(2);
 }
 
 // Slack of the validity (pixel-centre hull) test in pixels, for coordinates computed in acc:
 // 8 eps size (see hull_tolerance in tpswarp/reference/tps_warp.py).
-template <typename acc> TPSWARP_HOST_DEVICE inline acc pixel_hull_tolerance(int64_t size) {
+template <typename acc> TPSWARP_HOST_DEVICE TPSWARP_INLINE acc pixel_hull_tolerance(int64_t size) {
   const acc eps = sizeof(acc) == 8 ? acc(2.220446049250313e-16) : acc(1.1920928955078125e-07);
   return acc(8) * eps * acc(size > 1 ? size : 1);
 }
