@@ -127,6 +127,38 @@ def test_large_image_matches_reference():
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4 * max(1.0, r.abs().max().item()))
 
 
+_BASELINE_CASE = """
+import sys
+import torch
+import tpswarp
+sys.path.insert(0, {tests!r})
+from test_photometric_jitter_kernels import _grads, _inputs, _ref_grads
+from tpswarp.testing import assert_close
+with tpswarp.use_backend("cpp"):
+    for clamp in (False, True):
+        image, params, perm, gen = _inputs(2, 19, 67)
+        grad = torch.randn(image.shape, generator=gen)
+        got, want = _grads(image, params, perm, grad, clamp), _ref_grads(image, params, perm, grad, clamp)
+        assert_close(got[0], want[0])
+        for g, r in zip(got[1:], want[1:]):
+            torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4 * max(1.0, r.abs().max().item()))
+print("ok")
+"""
+
+
+def test_baseline_isa_path_matches_reference():
+    """TPSWARP_NO_AVX2=1 runs the kernels compiled for the baseline ISA (what a CPU without AVX2
+    runs) on this machine: against the reference, forward and all gradients, with and without clamp."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TPSWARP_NO_AVX2="1")
+    code = _BASELINE_CASE.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1, 257), (1, 300, 1), (2, 3, 255), (1, 16, 16)])
 def test_odd_shapes_with_gradients(shape):
     B, H, W = shape

@@ -24,6 +24,7 @@
 #include <array>
 #include <vector>
 
+#include "tpswarp/cpu_features.h"
 #include "tpswarp/show.h"
 
 // The loops over the per-pixel math vectorize only if GCC may evaluate both sides of a select
@@ -282,10 +283,7 @@ __attribute__((target("avx2"))) void backward_chunk_avx2(const acc* R, const acc
                                                          JitterParams<acc> p, bool clamp) {
   backward_chunk_impl(R, G, Bl, GR, GG, GB, P0, P1, P2, P3, n, p, clamp);
 }
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
+using cpu::cpu_has_avx2;  // tpswarp/cpu_features.h (TPSWARP_NO_AVX2=1 forces the default version)
 #endif
 
 #ifdef TPSWARP_JITTER_PRAGMA

@@ -41,7 +41,8 @@
 #include <vector>
 
 #include "tpswarp/cpu_fastmath.h"  // cpu::lane_sum8
-#include "tpswarp/cpu_pair_gather.h"  // also TPSWARP_X86_MULTIVERSION, TPSWARP_TARGET_AVX2, cpu_has_avx2
+#include "tpswarp/cpu_features.h"
+#include "tpswarp/cpu_pair_gather.h"
 #include "tpswarp/sampling.h"
 #include "tpswarp/show.h"
 #include "tpswarp/tps.h"
