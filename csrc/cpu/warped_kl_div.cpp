@@ -124,8 +124,8 @@ TPSWARP_CPU_CLONES void warped_gather_taps(const float* plane0, int64_t cs, int6
 // (tpswarp/cpu_pair_gather.h) and with kCoords the row-pair coefficients of d sample / d (px, py).
 // (kAlignCorners a template parameter: a loop without branches, which vectorizes.)
 template <bool kCoords, bool kAlignCorners>
-TPSWARP_CPU_CLONES void warped_pair_taps(const float* fx, const float* fy, int64_t P, int64_t Ht, int64_t Wt, int32_t sh,
-                                         float* valid, PairTaps<kKLBlock>& t, PairWeights<kKLBlock>& kx,
+TPSWARP_CPU_CLONES void warped_pair_taps(const float* fx, const float* fy, int64_t P, int64_t Ht, int64_t Wt,
+                                         int32_t sh, float* valid, PairTaps<kKLBlock>& t, PairWeights<kKLBlock>& kx,
                                          PairWeights<kKLBlock>& ky) {
   const int32_t last = static_cast<int32_t>(Wt - 2);
   for (int64_t p = 0; p < P; ++p) {

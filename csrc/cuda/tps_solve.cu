@@ -81,10 +81,9 @@ AnyOut any_out(at::Tensor& t) { return {static_cast<char*>(t.mutable_data_ptr())
 AnyOut no_out() { return {nullptr, kDoubleKind}; }
 
 template <int NMAX>
-__global__ void __launch_bounds__(kThreads) tps_solve_kernel(AnyIn src, Strides3 ss, AnyIn dst, Strides3 ds, AnyOut params,
-                                                             int8_t* __restrict__ status, int* __restrict__ any_singular,
-                                                             int64_t B, int n, double reg,
-                                                             double* __restrict__ workspace) {
+__global__ void __launch_bounds__(kThreads)
+    tps_solve_kernel(AnyIn src, Strides3 ss, AnyIn dst, Strides3 ds, AnyOut params, int8_t* __restrict__ status,
+                     int* __restrict__ any_singular, int64_t B, int n, double reg, double* __restrict__ workspace) {
   const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (b >= B) return;
   const AnyOut out = params.offset(b * int64_t(n + 3) * 2);

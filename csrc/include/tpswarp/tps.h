@@ -78,16 +78,19 @@ TPSWARP_HOST_DEVICE inline Vec2<acc> tps_eval_backward(acc qx, acc qy, const P* 
 }
 
 // Normalized coordinate of output pixel i along an axis of `size` pixels (grid_sample convention).
-template <typename acc> TPSWARP_HOST_DEVICE TPSWARP_INLINE acc pixel_to_normalized(int64_t i, int64_t size, bool align_corners) {
+template <typename acc>
+TPSWARP_HOST_DEVICE TPSWARP_INLINE acc pixel_to_normalized(int64_t i, int64_t size, bool align_corners) {
   if (align_corners) return size > 1 ? acc(2) * acc(i) / acc(size - 1) - acc(1) : acc(0);
   return (acc(2) * acc(i) + acc(1)) / acc(size) - acc(1);
 }
 
 // Normalized coordinate -> pixel coordinate (grid_sample's unnormalize), and d pixel / d coord.
-template <typename acc> TPSWARP_HOST_DEVICE TPSWARP_INLINE acc normalized_to_pixel(acc coord, int64_t size, bool align_corners) {
+template <typename acc>
+TPSWARP_HOST_DEVICE TPSWARP_INLINE acc normalized_to_pixel(acc coord, int64_t size, bool align_corners) {
   return align_corners ? (coord + acc(1)) / acc(2) * acc(size - 1) : ((coord + acc(1)) * acc(size) - acc(1)) / acc(2);
 }
-template <typename acc> TPSWARP_HOST_DEVICE TPSWARP_INLINE acc normalized_to_pixel_scale(int64_t size, bool align_corners) {
+template <typename acc>
+TPSWARP_HOST_DEVICE TPSWARP_INLINE acc normalized_to_pixel_scale(int64_t size, bool align_corners) {
   return align_corners ? acc(size - 1) / acc(2) : acc(size) / acc(2);
 }
 
