@@ -12,14 +12,17 @@
 // (about 1 ulp) so that those loops vectorize, and the logarithms of the forward evaluation are
 // reused by the TPS backward; in float64 the per-pixel functions of tpswarp/tps.h are used as they
 // are (the math of the CUDA kernels). float32 NCHW images read the two taps of a row with one
-// 64-bit load (AVX2 intrinsics). The vectorized paths index an image plane with int32 offsets;
-// planes larger than 2^31 elements go one pixel at a time with int64 offsets.
+// 64-bit load (AVX2 intrinsics), and their backward adds the image gradient of a row's two taps
+// with one 64-bit read-modify-write; the rows one below the chunk's bottom taps are prefetched
+// (where the next output row reads). The vectorized paths index an image plane with int32
+// offsets; planes larger than 2^31 elements go one pixel at a time with int64 offsets.
 //
 // Determinism (results independent of the number of threads and identical between runs):
 // - the image gradient is a scatter-add; each element is owned by one task (a batch item, or a
 //   batch item and a group of channels) that adds the contributions of the output rows in order
-//   (within a row: chunk by chunk, tap by tap, equal consecutive offsets summed first), so the
-//   order of the additions does not depend on the threads;
+//   (within a row: chunk by chunk; row pairs: pixel by pixel in kPairStride interleaved passes;
+//   otherwise tap by tap, equal consecutive offsets summed first), so the order of the additions
+//   does not depend on the threads;
 // - the gradients w.r.t. `src` and `params` are summed per output row (a fixed block, fixed
 //   8-lane partial sums) into a (B * Ho, P) buffer, then over the rows in order (in float64).
 #include <ATen/Dispatch.h>
@@ -312,6 +315,126 @@ PairTapsFn pair_taps_kernel(Padding padding, bool align_corners) {
     case Padding::Reflection:
       return align_corners ? &pair_taps_avx2<Padding::Reflection, true> : &pair_taps_avx2<Padding::Reflection, false>;
     default: return align_corners ? &pair_taps_avx2<Padding::Zeros, true> : &pair_taps_avx2<Padding::Zeros, false>;
+  }
+}
+// Backward row-pair taps of a chunk: the pair offsets and bilinear weights (the image-gradient
+// scatter), the coefficients of d sample / d (px, py) moved onto the same pairs, and
+// d (px, py) / d f (padding mode).
+struct PairBackwardChunk : PairChunk {
+  cpu::PairWeights<kChunk> dx, dy;
+  alignas(64) float dpx[kChunk];
+  alignas(64) float dpy[kChunk];
+};
+
+template <Padding kPadding, bool kAlignCorners>
+C10_ALWAYS_INLINE void pair_backward_taps_impl(const Geometry<float>& g, const float* __restrict fx,
+                                               const float* __restrict fy, int64_t len, PairBackwardChunk& __restrict t) {
+  const int64_t H = g.H, W = g.W;
+  const int32_t sh = static_cast<int32_t>(g.sh), last = static_cast<int32_t>(W - 2);
+  for (int64_t j = 0; j < len; ++j) {
+    float dpx = 0, dpy = 0;
+    const float px = source_coordinate(fx[j], W, kPadding, kAlignCorners, &dpx);
+    const float py = source_coordinate(fy[j], H, kPadding, kAlignCorners, &dpy);
+    const auto tap = bilinear_tap(px, py, H, W);
+    const cpu::PairColumns pc = cpu::set_pair_tap(t, j, tap, sh, last);
+    const auto k = bilinear_coord_coefs(tap);
+    cpu::pair_weights(t.dx, j, pc, k.x00, k.x10, k.x01, k.x11);
+    cpu::pair_weights(t.dy, j, pc, k.y00, k.y10, k.y01, k.y11);
+    t.dpx[j] = dpx;
+    t.dpy[j] = dpy;
+  }
+}
+
+template <Padding kPadding, bool kAlignCorners>
+TPSWARP_TARGET_AVX2 void pair_backward_taps_avx2(const Geometry<float>& g, const float* fx, const float* fy,
+                                                 int64_t len, PairBackwardChunk& t) {
+  pair_backward_taps_impl<kPadding, kAlignCorners>(g, fx, fy, len, t);
+}
+
+using PairBackwardTapsFn = void (*)(const Geometry<float>&, const float*, const float*, int64_t, PairBackwardChunk&);
+
+PairBackwardTapsFn pair_backward_taps_kernel(Padding padding, bool align_corners) {
+  switch (padding) {
+    case Padding::Border:
+      return align_corners ? &pair_backward_taps_avx2<Padding::Border, true> : &pair_backward_taps_avx2<Padding::Border, false>;
+    case Padding::Reflection:
+      return align_corners ? &pair_backward_taps_avx2<Padding::Reflection, true>
+                           : &pair_backward_taps_avx2<Padding::Reflection, false>;
+    default:
+      return align_corners ? &pair_backward_taps_avx2<Padding::Zeros, true> : &pair_backward_taps_avx2<Padding::Zeros, false>;
+  }
+}
+
+// lt (vtl - fill) + rt (vtr - fill) + lb (vbl - fill) + rb (vbr - fill) of one pixel (scalar tails).
+C10_ALWAYS_INLINE float pair_form(const cpu::PairWeights<kChunk>& w, int64_t j, const float* plane, int32_t ot,
+                                  int32_t ob, float fill) {
+  return w.lt[j] * (plane[ot] - fill) + w.rt[j] * (plane[ot + 1] - fill) + w.lb[j] * (plane[ob] - fill) +
+         w.rb[j] * (plane[ob + 1] - fill);
+}
+
+// gf = d <grad_out, out> / d f(q) for the chunk's pixels (coord_grad_impl through row pairs):
+// per pixel, the sum over the channels (in order) of g_c * d sample_c / d (px, py), times
+// d (px, py) / d f. `go` has unit stride along W.
+TPSWARP_TARGET_AVX2 void pair_coord_grad_avx2(const float* __restrict img, int64_t C, int64_t sc,
+                                              const float* __restrict go, int64_t gsc, int64_t len,
+                                              const PairBackwardChunk& t, float fill, float* __restrict gfx,
+                                              float* __restrict gfy) {
+  const __m256i order = cpu::pair_lane_order();
+  const __m256 f = _mm256_set1_ps(fill);
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const cpu::PairWeightsAvx2 wx = cpu::load_pair_weights(t.dx, j), wy = cpu::load_pair_weights(t.dy, j);
+    __m256 sx = _mm256_setzero_ps(), sy = _mm256_setzero_ps();
+    const float* plane = img;
+    const float* gc = go + j;
+    for (int64_t c = 0; c < C; ++c, plane += sc, gc += gsc) {
+      __m256 vtr, vbr;
+      const __m256 vtl = cpu::load_pairs(plane, t.ot + j, &vtr);
+      const __m256 vbl = cpu::load_pairs(plane, t.ob + j, &vbr);
+      const __m256 g = _mm256_permutevar8x32_ps(_mm256_loadu_ps(gc), order);
+      sx = _mm256_fmadd_ps(g, cpu::pair_combine(wx, vtl, vtr, vbl, vbr, f), sx);
+      sy = _mm256_fmadd_ps(g, cpu::pair_combine(wy, vtl, vtr, vbl, vbr, f), sy);
+    }
+    _mm256_storeu_ps(gfx + j, _mm256_mul_ps(_mm256_permutevar8x32_ps(sx, order), _mm256_loadu_ps(t.dpx + j)));
+    _mm256_storeu_ps(gfy + j, _mm256_mul_ps(_mm256_permutevar8x32_ps(sy, order), _mm256_loadu_ps(t.dpy + j)));
+  }
+  for (; j < len; ++j) {
+    float sx = 0, sy = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const float* plane = img + c * sc;
+      const float g = go[c * gsc + j];
+      sx += g * pair_form(t.dx, j, plane, t.ot[j], t.ob[j], fill);
+      sy += g * pair_form(t.dy, j, plane, t.ot[j], t.ob[j], fill);
+    }
+    gfx[j] = sx * t.dpx[j];
+    gfy[j] = sy * t.dpy[j];
+  }
+}
+
+// Image-gradient scatter of the chunk's pixels for channels [c0, c1) through row pairs: per pixel
+// and channel, two 64-bit read-modify-writes (g * (lt, rt) at ot, g * (lb, rb) at ob) instead of
+// four scalar ones. Neighbouring pixels' pairs overlap (pixel j's right column is often pixel
+// j + 1's left one); a 64-bit load that partly overlaps a store still in flight cannot be
+// forwarded and stalls, so the pixels go in kPairStride interleaved passes (j = s, s + 8, ...):
+// overlapping pairs are then about len / 8 pixels apart in time. The order is fixed: deterministic.
+// Taps outside the image have weight 0 (and a valid, clamped offset). `go` has unit stride along W.
+constexpr int64_t kPairStride = 8;
+
+TPSWARP_TARGET_AVX2 void scatter_pairs_avx2(float* gi, int64_t c0, int64_t c1, int64_t gisc, const float* go,
+                                            int64_t gsc, int64_t len, const PairChunk& t) {
+  for (int64_t c = c0; c < c1; ++c) {
+    float* plane = gi + c * gisc;
+    const float* gc = go + c * gsc;
+    for (int64_t s = 0; s < kPairStride; ++s) {
+      for (int64_t j = s; j < len; j += kPairStride) {
+        const __m128 g = _mm_set1_ps(gc[j]);
+        const __m128 wt = _mm_setr_ps(t.lt[j], t.rt[j], 0.f, 0.f), wb = _mm_setr_ps(t.lb[j], t.rb[j], 0.f, 0.f);
+        double* top = reinterpret_cast<double*>(plane + t.ot[j]);
+        _mm_store_sd(top, _mm_castps_pd(_mm_add_ps(_mm_castpd_ps(_mm_load_sd(top)), _mm_mul_ps(g, wt))));
+        double* bottom = reinterpret_cast<double*>(plane + t.ob[j]);
+        _mm_store_sd(bottom, _mm_castps_pd(_mm_add_ps(_mm_castpd_ps(_mm_load_sd(bottom)), _mm_mul_ps(g, wb))));
+      }
+    }
   }
 }
 #endif
@@ -680,6 +803,7 @@ void forward_bilinear(const WarpConfig& cfg, const Geometry<acc>& geo, const at:
         if constexpr (kFloat) {
           if (pairs) {
             pair_taps(geo, fx, fy, len, vr, *pair_chunk);
+            cpu::prefetch_next_bottom_rows(img_b, C, is.c, is.h, pair_chunk->ob, len);
             cpu::gather_pairs_avx2(img_b, C, is.c, o_row, os.c, len, *pair_chunk, fill);
             continue;
           }
@@ -794,6 +918,10 @@ template <typename scalar_t, typename acc> struct BackwardArgs {
   RowKernels<acc> kernels;
   decltype(coord_grad_kernel<scalar_t, acc>()) coord_grad;
   bool fast;  // int32 plane offsets (image and image gradient): the vectorized path
+  bool pairs;  // float32, AVX2, unit stride along W, the image gradient laid out as the image: row pairs
+#if TPSWARP_X86_MULTIVERSION
+  PairBackwardTapsFn pair_taps;
+#endif
   const scalar_t* image;
   Strides4 is;
   const scalar_t* grad_out;
@@ -813,6 +941,9 @@ template <typename acc> struct BackwardWork {
   alignas(64) acc gfy[kChunk];
   alignas(64) acc g[4 * kChunk];  // scatter scratch
   BackwardChunk<acc> taps;
+#if TPSWARP_X86_MULTIVERSION
+  PairBackwardChunk pair_taps;
+#endif
   std::vector<acc> logs;  // (n, kChunk): log r2 of the TPS evaluation, reused by its backward
 
   explicit BackwardWork(int64_t n) : logs(n * kChunk) {}
@@ -883,6 +1014,19 @@ void backward_row(const BackwardArgs<scalar_t, acc>& a, int64_t b, int64_t i, in
     } else {
       a.kernels.tps_row(a.geo, b, qy, j0, len, w.fx, w.fy);
     }
+#if TPSWARP_X86_MULTIVERSION
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc, float>) {
+      if (a.pairs) {
+        a.pair_taps(a.geo, w.fx, w.fy, len, w.pair_taps);
+        if (coord) cpu::prefetch_next_bottom_rows(img_b, C, a.is.c, a.is.h, w.pair_taps.ob, len);
+        if (scatter) cpu::prefetch_next_bottom_rows(gi_b + c0 * a.gis.c, c1 - c0, a.gis.c, a.gis.h, w.pair_taps.ob, len);
+        if (coord) pair_coord_grad_avx2(img_b, C, a.is.c, go, a.gs.c, len, w.pair_taps, a.fill, w.gfx, w.gfy);
+        if (scatter) scatter_pairs_avx2(gi_b, c0, c1, a.gis.c, go, a.gs.c, len, w.pair_taps);
+        if (coord) a.kernels.tps_row_backward(a.geo, b, qy, j0, len, w.gfx, w.gfy, w.logs.data(), part);
+        continue;
+      }
+    }
+#endif
     if (vectorized) {
       a.kernels.backward_taps(a.geo, static_cast<int32_t>(a.gis.h), static_cast<int32_t>(a.gis.w), w.fx, w.fy, len,
                               w.taps);
@@ -966,6 +1110,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cpu(
         a.kernels = row_kernels<acc>(cfg.padding, cfg.align_corners);
         a.coord_grad = coord_grad_kernel<scalar_t, acc>();
         a.fast = plane_offsets_fit_int32(image) && (!need_image || plane_offsets_fit_int32(grad_acc));
+        a.pairs = false;
+#if TPSWARP_X86_MULTIVERSION
+        a.pairs = std::is_same_v<scalar_t, float> && std::is_same_v<acc, float> && a.fast && cpu_has_avx2() &&
+                  cfg.mode == Interp::Bilinear && cfg.W >= 2 && image.stride(3) == 1 && grad_out.stride(3) == 1 &&
+                  (!need_image || (grad_acc.stride(3) == 1 && grad_acc.stride(2) == image.stride(2)));
+        a.pair_taps = pair_backward_taps_kernel(cfg.padding, cfg.align_corners);
+#endif
         a.image = image.const_data_ptr<scalar_t>();
         a.is = strides4(image);
         a.grad_out = grad_out.const_data_ptr<scalar_t>();

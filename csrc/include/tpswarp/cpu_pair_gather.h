@@ -68,6 +68,21 @@ TPSWARP_INLINE PairColumns set_pair_tap(PairTaps<N>& t, int64_t j, const Bilinea
 }
 
 #if TPSWARP_X86_MULTIVERSION
+// Prefetch, in planes [0, C) (`sc` apart), the pairs one image row (`sh`) below the bottom rows
+// `ob` of len pixels (every 8th): where the bottom taps of the next output row usually are, and
+// the rows that the hardware prefetcher cannot foresee (the top rows are the previous output row's
+// bottom rows, already in cache). Prefetches do not fault: the addresses need not lie in the plane.
+TPSWARP_INLINE void prefetch_next_bottom_rows(const float* img, int64_t C, int64_t sc, int64_t sh, const int32_t* ob,
+                                              int64_t len) {
+  const uintptr_t base = reinterpret_cast<uintptr_t>(img);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t j = 0; j < len; j += 8) {
+      const int64_t off = c * sc + ob[j] + sh;
+      _mm_prefetch(reinterpret_cast<const char*>(base + static_cast<uintptr_t>(off * int64_t(sizeof(float)))), _MM_HINT_T0);
+    }
+  }
+}
+
 // The permutation of lanes that load_pairs produces (0, 1, 4, 5, 2, 3, 6, 7): its own inverse.
 TPSWARP_AVX2_INLINE __m256i pair_lane_order() { return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7); }
 
