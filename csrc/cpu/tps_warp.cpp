@@ -919,6 +919,7 @@ template <typename scalar_t, typename acc> struct BackwardArgs {
   decltype(coord_grad_kernel<scalar_t, acc>()) coord_grad;
   bool fast;  // int32 plane offsets (image and image gradient): the vectorized path
   bool pairs;  // float32, AVX2, unit stride along W, the image gradient laid out as the image: row pairs
+  bool zero_rows;  // the image gradient is zeroed row by row just ahead of the scatter (zero_rows_upto)
 #if TPSWARP_X86_MULTIVERSION
   PairBackwardTapsFn pair_taps;
 #endif
@@ -946,8 +947,24 @@ template <typename acc> struct BackwardWork {
 #endif
   std::vector<acc> logs;  // (n, kChunk): log r2 of the TPS evaluation, reused by its backward
 
+  int64_t zeroed = 0;     // rows [0, zeroed) of the task's image-gradient planes are zero (zero_rows)
+
   explicit BackwardWork(int64_t n) : logs(n * kChunk) {}
 };
+
+// Zeroing of the image gradient just ahead of the row-pair scatter (dense NCHW planes of rows of
+// `row_len` elements): rows [zeroed, rows) of planes [c0, c1) are cleared when the scatter first
+// needs one of them, so that they are still in cache when it adds to them, instead of in a
+// separate pass over the whole gradient before it. Any order of the taps' rows is fine: a row is
+// cleared once, before its first addition; the task clears the rest at its end.
+template <typename acc>
+void zero_rows_upto(acc* gi_b, int64_t c0, int64_t c1, int64_t gisc, int64_t row_len, int64_t rows, int64_t& zeroed) {
+  if (rows <= zeroed) return;
+  for (int64_t c = c0; c < c1; ++c) {
+    std::memset(gi_b + c * gisc + zeroed * row_len, 0, static_cast<size_t>((rows - zeroed) * row_len) * sizeof(acc));
+  }
+  zeroed = rows;
+}
 
 // The columns [j0, j0 + len) of one output row, one pixel at a time (nearest, or int64 offsets).
 template <typename scalar_t, typename acc>
@@ -1021,6 +1038,11 @@ void backward_row(const BackwardArgs<scalar_t, acc>& a, int64_t b, int64_t i, in
         if (coord) cpu::prefetch_next_bottom_rows(img_b, C, a.is.c, a.is.h, w.pair_taps.ob, len);
         if (scatter) cpu::prefetch_next_bottom_rows(gi_b + c0 * a.gis.c, c1 - c0, a.gis.c, a.gis.h, w.pair_taps.ob, len);
         if (coord) pair_coord_grad_avx2(img_b, C, a.is.c, go, a.gs.c, len, w.pair_taps, a.fill, w.gfx, w.gfy);
+        if (scatter && a.zero_rows) {
+          int32_t last = 0;  // the lowest bottom-row offset: bottom rows are never above top rows
+          for (int64_t j = 0; j < len; ++j) last = std::max(last, w.pair_taps.ob[j]);
+          zero_rows_upto(gi_b, c0, c1, a.gis.c, a.gis.h, last / a.gis.h + 1, w.zeroed);
+        }
         if (scatter) scatter_pairs_avx2(gi_b, c0, c1, a.gis.c, go, a.gs.c, len, w.pair_taps);
         if (coord) a.kernels.tps_row_backward(a.geo, b, qy, j0, len, w.gfx, w.gfy, w.logs.data(), part);
         continue;
@@ -1051,8 +1073,11 @@ void backward_impl(const BackwardArgs<scalar_t, acc>& a, bool need_image, bool n
     // One task per batch item: scatter and (if needed) the TPS gradients in one sweep.
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       auto w = std::make_unique<BackwardWork<acc>>(cfg.n);
-      for (int64_t b = begin; b < end; ++b)
+      for (int64_t b = begin; b < end; ++b) {
+        w->zeroed = 0;
         for (int64_t i = 0; i < Ho; ++i) backward_row(a, b, i, 0, C, true, need_coord, *w);
+        if (a.zero_rows) zero_rows_upto(a.grad_image + b * a.gis.b, 0, C, a.gis.c, a.gis.h, cfg.H, w->zeroed);
+      }
     });
     return;
   }
@@ -1068,7 +1093,9 @@ void backward_impl(const BackwardArgs<scalar_t, acc>& a, bool need_image, bool n
       auto w = std::make_unique<BackwardWork<acc>>(cfg.n);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / groups, c0 = (task % groups) * per, c1 = std::min(C, c0 + per);
+        w->zeroed = 0;
         for (int64_t i = 0; i < Ho && c0 < c1; ++i) backward_row(a, b, i, c0, c1, true, false, *w);
+        if (a.zero_rows) zero_rows_upto(a.grad_image + b * a.gis.b, c0, c1, a.gis.c, a.gis.h, cfg.H, w->zeroed);
       }
     });
   }
@@ -1091,13 +1118,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cpu(
   const bool need_tps = output_mask[1] || output_mask[2];
   const bool need_coord = need_tps && cfg.mode == Interp::Bilinear;  // nearest: zero TPS gradients
 
-  at::Tensor grad_acc;  // the image gradient in the compute dtype
-  if (need_image) grad_acc = at::empty(image.sizes(), image.options().dtype(ct), fmt).zero_();
+  at::Tensor grad_acc;  // the image gradient in the compute dtype; zeroed below, or row by row (zero_rows)
+  if (need_image) grad_acc = at::empty(image.sizes(), image.options().dtype(ct), fmt);
   at::Tensor partials;
   const int64_t P = tps_grad_width(cfg.n);
   if (need_coord) partials = at::empty({cfg.B * cfg.Ho, P}, src.options().dtype(ct));
 
   const bool work = cfg.B * cfg.Ho * cfg.Wo > 0 && cfg.C > 0 && (need_image || need_coord);
+  if (need_image && !work) grad_acc.zero_();
   if (work) {
     const auto grad_out = grad_out_in.scalar_type() == image.scalar_type() ? grad_out_in : grad_out_in.to(image.scalar_type());
     const Prepared prep = prepare(src, params, ct, cfg);
@@ -1117,6 +1145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cpu(
                   (!need_image || (grad_acc.stride(3) == 1 && grad_acc.stride(2) == image.stride(2)));
         a.pair_taps = pair_backward_taps_kernel(cfg.padding, cfg.align_corners);
 #endif
+        a.zero_rows = need_image && a.pairs && grad_acc.stride(2) == cfg.W && grad_acc.stride(1) == cfg.H * cfg.W;
+        if (need_image && !a.zero_rows) grad_acc.zero_();
         a.image = image.const_data_ptr<scalar_t>();
         a.is = strides4(image);
         a.grad_out = grad_out.const_data_ptr<scalar_t>();
