@@ -339,11 +339,14 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cpu(const at::Tensor& 
             scalar_t* gtb = gtp ? gtp + b * gt3.stride(0) + n0 : nullptr;
             const int64_t gscs = gsp ? gs3.stride(1) : 0, gtcs = gtp ? gt3.stride(1) : 0;
             if (teacher_is_logits) {
-              cpu::kl_block_stats<scalar_t, scalar_t, true>(sb, s.stride(1), tb, t.stride(1), C, P, st);
+              if (gtb)  // the logits teacher's gradient needs the KL value
+                cpu::kl_block_stats<scalar_t, scalar_t, true>(sb, s.stride(1), tb, t.stride(1), C, P, st);
+              else
+                cpu::kl_block_stats<scalar_t, scalar_t, true, false>(sb, s.stride(1), tb, t.stride(1), C, P, st);
               cpu::kl_block_grad<scalar_t, scalar_t, scalar_t, true>(sb, s.stride(1), tb, t.stride(1), C, P, st, scale,
                                                                       gsb, gscs, gtb, gtcs);
             } else {
-              cpu::kl_block_stats<scalar_t, scalar_t, false>(sb, s.stride(1), tb, t.stride(1), C, P, st);
+              cpu::kl_block_stats<scalar_t, scalar_t, false, false>(sb, s.stride(1), tb, t.stride(1), C, P, st);
               cpu::kl_block_grad<scalar_t, scalar_t, scalar_t, false>(sb, s.stride(1), tb, t.stride(1), C, P, st, scale,
                                                                        gsb, gscs, gtb, gtcs);
             }

@@ -428,10 +428,13 @@ void block_kl_grad(const Problem& pb, int64_t P, const acc* s, int64_t scs, cons
   if constexpr (std::is_same_v<acc, float>) {
     cpu::KLBlockStats st;
     if (pb.logits) {
-      cpu::kl_block_stats<float, float, true>(s, scs, tbuf, kBlock, pb.C, P, st);
+      if (gtbuf)  // the logits teacher's gradient needs the KL value
+        cpu::kl_block_stats<float, float, true>(s, scs, tbuf, kBlock, pb.C, P, st);
+      else
+        cpu::kl_block_stats<float, float, true, false>(s, scs, tbuf, kBlock, pb.C, P, st);
       cpu::kl_block_grad<float, float, float, true>(s, scs, tbuf, kBlock, pb.C, P, st, scale, gs, gscs, gtbuf, kBlock);
     } else {
-      cpu::kl_block_stats<float, float, false>(s, scs, tbuf, kBlock, pb.C, P, st);
+      cpu::kl_block_stats<float, float, false, false>(s, scs, tbuf, kBlock, pb.C, P, st);
       cpu::kl_block_grad<float, float, float, false>(s, scs, tbuf, kBlock, pb.C, P, st, scale, gs, gscs, gtbuf, kBlock);
     }
   } else {

@@ -33,7 +33,11 @@ struct KLBlockStats {
   float s_max[kKLBlock], log_zs[kKLBlock], t_max[kKLBlock], log_zt[kKLBlock], kl[kKLBlock], p_sum[kKLBlock];
 };
 
-template <typename S, typename T, bool kLogits>
+// Per-pixel statistics of a block: the student's max and log-sum-exp, the teacher's (logits) or its
+// mass p_sum (probabilities), and with kLoss the KL itself. Without kLoss (a backward that needs
+// no KL value: the student's gradient, or a probability teacher's) st.kl is 0 and the terms only
+// the KL needs are skipped: for probability teachers the p log p sum, a logarithm per element.
+template <typename S, typename T, bool kLogits, bool kLoss = true>
 TPSWARP_CPU_CLONES void kl_block_stats(const S* s, int64_t scs, const T* t, int64_t tcs, int64_t C, int64_t P, KLBlockStats& st) {
   float zs[kKLBlock], zt[kKLBlock], cross[kKLBlock], plogp[kKLBlock], psum[kKLBlock];
   for (int64_t p = 0; p < P; ++p) {
@@ -66,11 +70,13 @@ TPSWARP_CPU_CLONES void kl_block_stats(const S* s, int64_t scs, const T* t, int6
         const float tsh = tv - st.t_max[p];
         const float e = fast_exp(tsh);
         zt[p] += e;
-        cross[p] += e * (tsh - sv);
+        if (kLoss) cross[p] += e * (tsh - sv);
       } else {
-        const float pl = tv * fast_log(tv);
-        plogp[p] += tv > 0.f ? pl : 0.f;
-        cross[p] += tv * sv;
+        if (kLoss) {
+          const float pl = tv * fast_log(tv);
+          plogp[p] += tv > 0.f ? pl : 0.f;
+          cross[p] += tv * sv;
+        }
         psum[p] += tv;
       }
     }
@@ -81,11 +87,11 @@ TPSWARP_CPU_CLONES void kl_block_stats(const S* s, int64_t scs, const T* t, int6
     if (kLogits) {
       st.log_zt[p] = fast_log(zt[p]);
       st.p_sum[p] = 1.f;
-      st.kl[p] = cross[p] / zt[p] - st.log_zt[p] + st.log_zs[p];
+      st.kl[p] = kLoss ? cross[p] / zt[p] - st.log_zt[p] + st.log_zs[p] : 0.f;
     } else {
       st.log_zt[p] = 0.f;
       st.p_sum[p] = psum[p];
-      st.kl[p] = plogp[p] - cross[p] + st.log_zs[p] * psum[p];
+      st.kl[p] = kLoss ? plogp[p] - cross[p] + st.log_zs[p] * psum[p] : 0.f;
     }
   }
 }
