@@ -328,7 +328,8 @@ struct PairBackwardChunk : PairChunk {
 
 template <Padding kPadding, bool kAlignCorners>
 C10_ALWAYS_INLINE void pair_backward_taps_impl(const Geometry<float>& g, const float* __restrict fx,
-                                               const float* __restrict fy, int64_t len, PairBackwardChunk& __restrict t) {
+                                               const float* __restrict fy, int64_t len,
+                                               PairBackwardChunk& __restrict t) {
   const int64_t H = g.H, W = g.W;
   const int32_t sh = static_cast<int32_t>(g.sh), last = static_cast<int32_t>(W - 2);
   for (int64_t j = 0; j < len; ++j) {
@@ -356,12 +357,14 @@ using PairBackwardTapsFn = void (*)(const Geometry<float>&, const float*, const 
 PairBackwardTapsFn pair_backward_taps_kernel(Padding padding, bool align_corners) {
   switch (padding) {
     case Padding::Border:
-      return align_corners ? &pair_backward_taps_avx2<Padding::Border, true> : &pair_backward_taps_avx2<Padding::Border, false>;
+      return align_corners ? &pair_backward_taps_avx2<Padding::Border, true>
+                           : &pair_backward_taps_avx2<Padding::Border, false>;
     case Padding::Reflection:
       return align_corners ? &pair_backward_taps_avx2<Padding::Reflection, true>
                            : &pair_backward_taps_avx2<Padding::Reflection, false>;
     default:
-      return align_corners ? &pair_backward_taps_avx2<Padding::Zeros, true> : &pair_backward_taps_avx2<Padding::Zeros, false>;
+      return align_corners ? &pair_backward_taps_avx2<Padding::Zeros, true>
+                           : &pair_backward_taps_avx2<Padding::Zeros, false>;
   }
 }
 
@@ -1036,7 +1039,9 @@ void backward_row(const BackwardArgs<scalar_t, acc>& a, int64_t b, int64_t i, in
       if (a.pairs) {
         a.pair_taps(a.geo, w.fx, w.fy, len, w.pair_taps);
         if (coord) cpu::prefetch_next_bottom_rows(img_b, C, a.is.c, a.is.h, w.pair_taps.ob, len);
-        if (scatter) cpu::prefetch_next_bottom_rows(gi_b + c0 * a.gis.c, c1 - c0, a.gis.c, a.gis.h, w.pair_taps.ob, len);
+        if (scatter) {
+          cpu::prefetch_next_bottom_rows(gi_b + c0 * a.gis.c, c1 - c0, a.gis.c, a.gis.h, w.pair_taps.ob, len);
+        }
         if (coord) pair_coord_grad_avx2(img_b, C, a.is.c, go, a.gs.c, len, w.pair_taps, a.fill, w.gfx, w.gfy);
         if (scatter && a.zero_rows) {
           int32_t last = 0;  // the lowest bottom-row offset: bottom rows are never above top rows

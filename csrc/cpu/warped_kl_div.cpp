@@ -330,6 +330,7 @@ bool gather_block(const Problem& pb, const Block<acc>& blk, const scalar_t* stud
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc, float>) {
 #if TPSWARP_X86_MULTIVERSION
     if (pairs) {
+      cpu::prefetch_next_bottom_rows(teacher_b, pb.C, ts[1], ts[2], pairs->t.ob, blk.P);
       if (dxbuf && pairs->coords)
         cpu::warped_gather_pairs_avx2<true>(teacher_b, ts[1], pb.C, blk.P, pairs->t, pairs->kx, pairs->ky, tbuf, dxbuf,
                                             dybuf, kBlock);

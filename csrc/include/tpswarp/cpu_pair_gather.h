@@ -77,8 +77,8 @@ TPSWARP_INLINE void prefetch_next_bottom_rows(const float* img, int64_t C, int64
   const uintptr_t base = reinterpret_cast<uintptr_t>(img);
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t j = 0; j < len; j += 8) {
-      const int64_t off = c * sc + ob[j] + sh;
-      _mm_prefetch(reinterpret_cast<const char*>(base + static_cast<uintptr_t>(off * int64_t(sizeof(float)))), _MM_HINT_T0);
+      const int64_t off = (c * sc + ob[j] + sh) * static_cast<int64_t>(sizeof(float));
+      _mm_prefetch(reinterpret_cast<const char*>(base + static_cast<uintptr_t>(off)), _MM_HINT_T0);
     }
   }
 }
