@@ -354,7 +354,8 @@ print("worst", worst)
 @pytest.mark.parametrize("no_avx2", [False, True], ids=["avx2", "baseline"])
 def test_float32_row_pair_backward_matches_reference(no_avx2):
     """The float32 NCHW backward: with AVX2 through row pairs (the coordinate gradient from 64-bit
-    pair loads, the image gradient as 64-bit read-modify-writes in interleaved passes), without it
+    pair loads, the image gradient as 64-bit read-modify-writes, or 128-bit ones for two neighbouring
+    pixels, in interleaved passes), without it
     through the four taps (TPSWARP_NO_AVX2=1); input widths 2 and 3, output widths with vector
     tails and several chunks, taps leaving the image, every padding mode and align_corners: all
     four gradients against the float64 reference, no less accurate than the float32 reference."""

@@ -13,14 +13,15 @@
 // reused by the TPS backward; in float64 the per-pixel functions of tpswarp/tps.h are used as they
 // are (the math of the CUDA kernels). float32 NCHW images read the two taps of a row with one
 // 64-bit load (AVX2 intrinsics), and their backward adds the image gradient of a row's two taps
-// with one 64-bit read-modify-write; the rows one below the chunk's bottom taps are prefetched
+// with one 64-bit read-modify-write (two neighbouring pixels' four taps with one 128-bit one where
+// they lie within 4 columns); the rows one below the chunk's bottom taps are prefetched
 // (where the next output row reads). The vectorized paths index an image plane with int32
 // offsets; planes larger than 2^31 elements go one pixel at a time with int64 offsets.
 //
 // Determinism (results independent of the number of threads and identical between runs):
 // - the image gradient is a scatter-add; each element is owned by one task (a batch item, or a
 //   batch item and a group of channels) that adds the contributions of the output rows in order
-//   (within a row: chunk by chunk; row pairs: pixel by pixel in kPairStride interleaved passes;
+//   (within a row: chunk by chunk; row pairs: pixel pairs in kPairStride interleaved passes;
 //   otherwise tap by tap, equal consecutive offsets summed first), so the order of the additions
 //   does not depend on the threads;
 // - the gradients w.r.t. `src` and `params` are summed per output row (a fixed block, fixed
@@ -324,6 +325,7 @@ struct PairBackwardChunk : PairChunk {
   cpu::PairWeights<kChunk> dx, dy;
   alignas(64) float dpx[kChunk];
   alignas(64) float dpy[kChunk];
+  alignas(64) int32_t xb[kChunk];  // the pairs' left column
 };
 
 template <Padding kPadding, bool kAlignCorners>
@@ -338,6 +340,7 @@ C10_ALWAYS_INLINE void pair_backward_taps_impl(const Geometry<float>& g, const f
     const float py = source_coordinate(fy[j], H, kPadding, kAlignCorners, &dpy);
     const auto tap = bilinear_tap(px, py, H, W);
     const cpu::PairColumns pc = cpu::set_pair_tap(t, j, tap, sh, last);
+    t.xb[j] = pc.xb;
     const auto k = bilinear_coord_coefs(tap);
     cpu::pair_weights(t.dx, j, pc, k.x00, k.x10, k.x01, k.x11);
     cpu::pair_weights(t.dy, j, pc, k.y00, k.y10, k.y01, k.y11);
@@ -416,29 +419,55 @@ TPSWARP_TARGET_AVX2 void pair_coord_grad_avx2(const float* __restrict img, int64
 
 // Image-gradient scatter of the chunk's pixels for channels [c0, c1) through row pairs: per pixel
 // and channel, two 64-bit read-modify-writes (g * (lt, rt) at ot, g * (lb, rb) at ob) instead of
-// four scalar ones. Neighbouring pixels' pairs overlap (pixel j's right column is often pixel
-// j + 1's left one); a 64-bit load that partly overlaps a store still in flight cannot be
-// forwarded and stalls, so the pixels go in kPairStride interleaved passes (j = s, s + 8, ...):
-// overlapping pairs are then about len / 8 pixels apart in time. The order is fixed: deterministic.
-// Taps outside the image have weight 0 (and a valid, clamped offset). `go` has unit stride along W.
-constexpr int64_t kPairStride = 8;
+// four scalar ones; and for two neighbouring pixels (j, j + 1) whose pairs lie in the same rows
+// within the 4 columns from pixel j's (the usual case), one 128-bit read-modify-write per row for
+// both (pixel j + 1's weights shifted onto its columns). Neighbouring windows overlap, and a load
+// that partly overlaps a store still in flight cannot be forwarded and stalls, so the pixel pairs go
+// in kPairStride interleaved passes (units s, s + kPairStride, ...). The order is fixed:
+// deterministic. Taps outside the image have weight 0 (and a valid, clamped offset). `go` has unit
+// stride along W; `last4` = W - 4 (a window starting further right would leave its row).
+constexpr int64_t kPairStride = 4;
+
+TPSWARP_AVX2_INLINE void scatter_one_pair(float* gi, int64_t c0, int64_t c1, int64_t gisc, const float* go,
+                                          int64_t gsc, const PairChunk& t, int64_t j) {
+  const __m128 wt = _mm_setr_ps(t.lt[j], t.rt[j], 0.f, 0.f), wb = _mm_setr_ps(t.lb[j], t.rb[j], 0.f, 0.f);
+  for (int64_t c = c0; c < c1; ++c) {
+    const __m128 g = _mm_set1_ps(go[c * gsc + j]);
+    double* top = reinterpret_cast<double*>(gi + c * gisc + t.ot[j]);
+    _mm_store_sd(top, _mm_castps_pd(_mm_fmadd_ps(g, wt, _mm_castpd_ps(_mm_load_sd(top)))));
+    double* bottom = reinterpret_cast<double*>(gi + c * gisc + t.ob[j]);
+    _mm_store_sd(bottom, _mm_castps_pd(_mm_fmadd_ps(g, wb, _mm_castpd_ps(_mm_load_sd(bottom)))));
+  }
+}
 
 TPSWARP_TARGET_AVX2 void scatter_pairs_avx2(float* gi, int64_t c0, int64_t c1, int64_t gisc, const float* go,
-                                            int64_t gsc, int64_t len, const PairChunk& t) {
-  for (int64_t c = c0; c < c1; ++c) {
-    float* plane = gi + c * gisc;
-    const float* gc = go + c * gsc;
-    for (int64_t s = 0; s < kPairStride; ++s) {
-      for (int64_t j = s; j < len; j += kPairStride) {
-        const __m128 g = _mm_set1_ps(gc[j]);
-        const __m128 wt = _mm_setr_ps(t.lt[j], t.rt[j], 0.f, 0.f), wb = _mm_setr_ps(t.lb[j], t.rb[j], 0.f, 0.f);
-        double* top = reinterpret_cast<double*>(plane + t.ot[j]);
-        _mm_store_sd(top, _mm_castps_pd(_mm_add_ps(_mm_castpd_ps(_mm_load_sd(top)), _mm_mul_ps(g, wt))));
-        double* bottom = reinterpret_cast<double*>(plane + t.ob[j]);
-        _mm_store_sd(bottom, _mm_castps_pd(_mm_add_ps(_mm_castpd_ps(_mm_load_sd(bottom)), _mm_mul_ps(g, wb))));
+                                            int64_t gsc, int64_t len, const PairBackwardChunk& t, int32_t last4) {
+  // (lt, rt, 0, 0) moved right by d = 0, 1, 2 columns (index 2 reads a 0)
+  alignas(16) static constexpr int32_t kShift[3][4] = {{0, 1, 2, 2}, {2, 0, 1, 2}, {2, 2, 0, 1}};
+  const int64_t units = len / 2;
+  for (int64_t s = 0; s < kPairStride; ++s) {
+    for (int64_t u = s; u < units; u += kPairStride) {
+      const int64_t j = 2 * u, k = j + 1;
+      const int32_t dt = t.ot[k] - t.ot[j], db = t.ob[k] - t.ob[j];
+      if (dt == db && dt >= 0 && dt <= 2 && t.xb[j] <= last4) {
+        const __m128i shift = _mm_load_si128(reinterpret_cast<const __m128i*>(kShift[dt]));
+        const __m128 at = _mm_setr_ps(t.lt[j], t.rt[j], 0.f, 0.f), ab = _mm_setr_ps(t.lb[j], t.rb[j], 0.f, 0.f);
+        const __m128 bt = _mm_permutevar_ps(_mm_setr_ps(t.lt[k], t.rt[k], 0.f, 0.f), shift);
+        const __m128 bb = _mm_permutevar_ps(_mm_setr_ps(t.lb[k], t.rb[k], 0.f, 0.f), shift);
+        for (int64_t c = c0; c < c1; ++c) {
+          const __m128 gj = _mm_set1_ps(go[c * gsc + j]), gk = _mm_set1_ps(go[c * gsc + k]);
+          float* top = gi + c * gisc + t.ot[j];
+          _mm_storeu_ps(top, _mm_fmadd_ps(gk, bt, _mm_fmadd_ps(gj, at, _mm_loadu_ps(top))));
+          float* bottom = gi + c * gisc + t.ob[j];
+          _mm_storeu_ps(bottom, _mm_fmadd_ps(gk, bb, _mm_fmadd_ps(gj, ab, _mm_loadu_ps(bottom))));
+        }
+      } else {
+        scatter_one_pair(gi, c0, c1, gisc, go, gsc, t, j);
+        scatter_one_pair(gi, c0, c1, gisc, go, gsc, t, k);
       }
     }
   }
+  if (len % 2) scatter_one_pair(gi, c0, c1, gisc, go, gsc, t, len - 1);
 }
 #endif
 
@@ -1048,7 +1077,9 @@ void backward_row(const BackwardArgs<scalar_t, acc>& a, int64_t b, int64_t i, in
           for (int64_t j = 0; j < len; ++j) last = std::max(last, w.pair_taps.ob[j]);
           zero_rows_upto(gi_b, c0, c1, a.gis.c, a.gis.h, last / a.gis.h + 1, w.zeroed);
         }
-        if (scatter) scatter_pairs_avx2(gi_b, c0, c1, a.gis.c, go, a.gs.c, len, w.pair_taps);
+        if (scatter) {
+          scatter_pairs_avx2(gi_b, c0, c1, a.gis.c, go, a.gs.c, len, w.pair_taps, static_cast<int32_t>(cfg.W - 4));
+        }
         if (coord) a.kernels.tps_row_backward(a.geo, b, qy, j0, len, w.gfx, w.gfy, w.logs.data(), part);
         continue;
       }
