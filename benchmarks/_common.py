@@ -67,6 +67,33 @@ def measure(fn: Callable[[], object], device: str, *, repeats: int = 10, warmup:
     return {"ms": statistics.median(times), "ms_q20": qs[0], "ms_q80": qs[-1], "repeats": len(times)}
 
 
+def measure_interleaved(fns: Dict[str, Callable[[], Optional[float]]], device: str, *, repeats: int = 10,
+                        warmup: int = 1) -> Dict[str, Dict[str, float]]:
+    """``measure`` for several callables timed side by side: every round runs each callable once,
+    in an order rotated from round to round, so that a change of machine load during the run
+    falls on all of them alike (the benchmarks report ratios of these medians). A callable may
+    return its own time in milliseconds (e.g. a backward pass alone, its forward excluded);
+    otherwise its wall time is taken."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    sync(device)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            t0 = time.perf_counter()
+            own = fns[name]()
+            sync(device)
+            times[name].append(own if isinstance(own, float) else (time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        qs = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
+        out[name] = {"ms": statistics.median(ts), "ms_q20": qs[0], "ms_q80": qs[-1], "repeats": len(ts)}
+    return out
+
+
 class PeakMemory:
     """Peak bytes allocated by tensors while inside the block, on CPU or CUDA.
 

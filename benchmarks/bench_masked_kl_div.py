@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 import tpswarp  # noqa: E402
-from _common import PeakMemory, append_rows, measure, print_table  # noqa: E402
+from _common import PeakMemory, append_rows, measure_interleaved, print_table  # noqa: E402
 
 
 def pytorch_masked_kl(student, teacher, mask):
@@ -39,39 +39,43 @@ def providers(device: str):
 
 
 def run(shapes, device: str, dtype: torch.dtype, repeats: int):
+    """Rows of (shape, provider, mode): all providers of a shape and mode timed side by side, round
+    by round (_common.measure_interleaved)."""
     rows = []
     for B, C, H, W in shapes:
         g = torch.Generator(device="cpu").manual_seed(0)
         student = torch.randn(B, C, H, W, generator=g).to(device, dtype)
         teacher = torch.randn(B, C, H, W, generator=g).softmax(1).to(device, dtype)
         mask = (torch.rand(B, H, W, generator=g) > 0.1).to(device)
+        calls = {}  # provider -> mode -> callable
         for name, prov in providers(device).items():
             backend, fn = prov if isinstance(prov, tuple) else (None, prov)
-            ctx = tpswarp.use_backend(backend)
-            with ctx:
-                s = student.clone().requires_grad_()
+            s = student.clone().requires_grad_()
+            with tpswarp.use_backend(backend):
+                loss = fn(s, teacher, mask)  # the graph the backward mode differentiates
 
-                def forward():
-                    with torch.no_grad():
-                        return fn(s, teacher, mask)
+            def forward(backend=backend, fn=fn, s=s):
+                with tpswarp.use_backend(backend), torch.no_grad():
+                    return fn(s, teacher, mask)
 
-                def full():
-                    loss = fn(s, teacher, mask)
-                    loss.backward()
-                    s.grad = None
-
-                loss = fn(s, teacher, mask)
-
-                def backward():
+            def backward(backend=backend, s=s, loss=loss):
+                with tpswarp.use_backend(backend):
                     torch.autograd.grad(loss, s, retain_graph=True)
 
-                for mode, f in (("forward", forward), ("backward", backward), ("full", full)):
-                    t = measure(f, device, repeats=repeats)
-                    with PeakMemory(device) as pm:
-                        f()
-                    rows.append({"op": "masked_kl_div", "shape": f"{B}x{C}x{H}x{W}", "dtype": str(dtype).split(".")[-1],
-                                 "provider": name, "mode": mode, **t, "peak_MiB": pm.peak / 2**20})
-                del loss
+            def full(backend=backend, fn=fn, s=s):
+                with tpswarp.use_backend(backend):
+                    fn(s, teacher, mask).backward()
+                s.grad = None
+
+            calls[name] = {"forward": forward, "backward": backward, "full": full}
+        for mode in ("forward", "backward", "full"):
+            stats = measure_interleaved({name: c[mode] for name, c in calls.items()}, device, repeats=repeats)
+            for name, c in calls.items():
+                with PeakMemory(device) as pm:
+                    c[mode]()
+                rows.append({"op": "masked_kl_div", "shape": f"{B}x{C}x{H}x{W}", "dtype": str(dtype).split(".")[-1],
+                             "provider": name, "mode": mode, **stats[name], "peak_MiB": pm.peak / 2**20})
+        del calls
     return rows
 
 

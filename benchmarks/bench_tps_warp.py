@@ -21,7 +21,8 @@ grid) mapped to ``dst = src + offsets``, bilinear sampling, zero padding,
 Modes: ``forward`` (no autograd), ``backward`` (the backward pass alone, the forward done
 outside the timed region) and ``full`` (forward + backward). Gradients are taken w.r.t. the
 image and ``dst`` (through the solve), and w.r.t. the image and the grid for ``grid_sample``.
-Timings: median (and 20% / 80% quantiles) of repeated runs, all providers in one run, on the
+Timings: median (and 20% / 80% quantiles) of repeated runs, all providers in one run and
+interleaved round by round (a change of machine load falls on all of them alike), on the
 threads torch uses (``--threads``); peak memory of tensors allocated during one call; rows are
 appended to ``benchmarks/results/tps_warp_cpu.csv`` with the machine, torch version and commit.
 """
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import PeakMemory, append_rows, device_name, measure, print_table  # noqa: E402
+from _common import PeakMemory, append_rows, device_name, measure_interleaved, print_table  # noqa: E402
 
 import tpswarp  # noqa: E402
 from tpswarp import reference  # noqa: E402
@@ -93,20 +93,6 @@ def grid_sample_fn(src, dst, image_shape):
     return run, grid
 
 
-def bench_backward(make_out, grad, repeats, warmup):
-    """Median of the backward pass alone (the forward runs outside the timed region)."""
-    times = []
-    for i in range(warmup + repeats):
-        out = make_out()
-        t0 = time.perf_counter()
-        torch.autograd.backward(out, grad)
-        dt = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            times.append(dt)
-    qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return {"ms": statistics.median(times), "ms_q20": qs[0], "ms_q80": qs[-1], "repeats": len(times)}
-
-
 def peak_mb(fn):
     """Peak MiB of tensors allocated while ``fn`` runs; NaN where the tracker cannot follow (a
     backward computed by autograd inside a dispatch mode, e.g. a Python reference kernel's VJP)."""
@@ -148,38 +134,40 @@ def main():
     rows = []
     print(f"tps_warp (+ tps_solve) {B}x{C}x{H}x{W} {args.dtype} {layout} on {device_name('cpu')}, "
           f"torch {torch.__version__}")
+    runs, seconds = {}, {}  # provider -> fn, its second input (dst, or the grid for grid_sample)
     for name in providers:
         if name == "grid_sample":
-            fn, grid = grid_sample_fn(src, dst, image.shape)
-            second = grid
+            runs[name], seconds[name] = grid_sample_fn(src, dst, image.shape)
         else:
-            fn = provider_fn(name, src, image.shape)
-            second = dst
+            runs[name], seconds[name] = provider_fn(name, src, image.shape), dst
 
-        def leaves(requires_grad):
-            return (image.detach().clone().requires_grad_(requires_grad),
-                    second.detach().clone().requires_grad_(requires_grad))
+    def leaves(name, requires_grad):
+        return (image.detach().clone().requires_grad_(requires_grad),
+                seconds[name].detach().clone().requires_grad_(requires_grad))
 
-        for mode in modes:
-            if mode == "forward":
-                xs = leaves(False)
+    def call(name, mode):
+        """One timed call of provider ``name`` in ``mode`` (backward: returns its own time)."""
+        fn = runs[name]
+        if mode == "forward":
+            xs = leaves(name, False)
+            with torch.no_grad():
+                fn(*xs)
+            return None
+        if mode == "backward":
+            out = fn(*leaves(name, True))
+            t0 = time.perf_counter()
+            torch.autograd.backward(out, grad)
+            return (time.perf_counter() - t0) * 1e3
+        torch.autograd.backward(fn(*leaves(name, True)), grad)
+        return None
 
-                def once():
-                    with torch.no_grad():
-                        fn(*xs)
-                with torch.no_grad():
-                    stats = measure(lambda: fn(*xs), "cpu", repeats=repeats, warmup=warmup)
-            elif mode == "backward":
-                stats = bench_backward(lambda: fn(*leaves(True)), grad, repeats, warmup)
-
-                def once():
-                    torch.autograd.backward(fn(*leaves(True)), grad)
-            else:
-                def once():
-                    xs = leaves(True)
-                    torch.autograd.backward(fn(*xs), grad)
-                stats = measure(once, "cpu", repeats=repeats, warmup=warmup)
-            peak = peak_mb(once)
+    for mode in modes:
+        # all providers side by side, round by round (see _common.measure_interleaved)
+        stats_by = measure_interleaved({name: (lambda name=name: call(name, mode)) for name in providers}, "cpu",
+                                       repeats=repeats, warmup=warmup)
+        for name in providers:
+            stats = stats_by[name]
+            peak = peak_mb(lambda: call(name, mode))
             rows.append({"op": "tps_warp", "shape": f"{B}x{C}x{H}x{W}", "dtype": args.dtype, "layout": layout,
                          "provider": name, "mode": mode, "threads": torch.get_num_threads(),
                          **{k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()},

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tpswarp  # noqa: E402
-from _common import PeakMemory, append_rows, measure, print_table  # noqa: E402
+from _common import PeakMemory, append_rows, measure_interleaved, print_table  # noqa: E402
 from tpswarp.testing import random_tps  # noqa: E402
 
 
@@ -52,38 +52,44 @@ def providers(device: str):
 
 
 def run(shapes, device: str, dtype: torch.dtype, repeats: int, only=None):
+    """Rows of (shape, provider, mode): all providers of a shape and mode timed side by side, round
+    by round (_common.measure_interleaved)."""
     rows = []
     for B, C, H, W in shapes:
         g = torch.Generator().manual_seed(0)
         student = torch.randn(B, C, H, W, generator=g).to(device, dtype)
         teacher = torch.randn(B, C, H, W, generator=g).softmax(1).to(device, dtype)
         src, _, params = random_tps(B, generator=g, device=device)
+        calls = {}  # provider -> mode -> callable
         for name, (backend, fn) in providers(device).items():
             if only and name not in only:
                 continue
+            s = student.clone().requires_grad_()
             with tpswarp.use_backend(backend):
-                s = student.clone().requires_grad_()
+                loss = fn(s, teacher, src, params)  # the graph the backward mode differentiates
 
-                def forward():
-                    with torch.no_grad():
-                        return fn(s, teacher, src, params)
+            def forward(backend=backend, fn=fn, s=s):
+                with tpswarp.use_backend(backend), torch.no_grad():
+                    return fn(s, teacher, src, params)
 
-                def full():
-                    fn(s, teacher, src, params).backward()
-                    s.grad = None
-
-                loss = fn(s, teacher, src, params)
-
-                def backward():
+            def backward(backend=backend, s=s, loss=loss):
+                with tpswarp.use_backend(backend):
                     torch.autograd.grad(loss, s, retain_graph=True)
 
-                for mode, f in (("forward", forward), ("backward", backward), ("full", full)):
-                    t = measure(f, device, repeats=repeats)
-                    with PeakMemory(device) as pm:
-                        f()
-                    rows.append({"op": "warped_kl_div", "shape": f"{B}x{C}x{H}x{W}", "dtype": str(dtype).split(".")[-1],
-                                 "provider": name, "mode": mode, **t, "peak_MiB": pm.peak / 2**20})
-                del loss
+            def full(backend=backend, fn=fn, s=s):
+                with tpswarp.use_backend(backend):
+                    fn(s, teacher, src, params).backward()
+                s.grad = None
+
+            calls[name] = {"forward": forward, "backward": backward, "full": full}
+        for mode in ("forward", "backward", "full"):
+            stats = measure_interleaved({name: c[mode] for name, c in calls.items()}, device, repeats=repeats)
+            for name, c in calls.items():
+                with PeakMemory(device) as pm:
+                    c[mode]()
+                rows.append({"op": "warped_kl_div", "shape": f"{B}x{C}x{H}x{W}", "dtype": str(dtype).split(".")[-1],
+                             "provider": name, "mode": mode, **stats[name], "peak_MiB": pm.peak / 2**20})
+        del calls
     return rows
 
 

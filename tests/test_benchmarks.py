@@ -1,0 +1,54 @@
+"""The op benchmarks' timing helper and the scripts themselves (quick shapes, nothing written).
+
+measure_interleaved: every callable runs once per round, the order rotated from round to
+round, and a callable's own returned time is used when it returns one. The scripts: each op
+benchmark runs end to end with --quick and prints its table and ratios. No timing assertions.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import tpswarp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+from _common import measure_interleaved  # noqa: E402
+
+
+def test_measure_interleaved_rotates_the_order_and_uses_returned_times():
+    calls = []
+
+    def make(name, own):
+        def fn():
+            calls.append(name)
+            return own
+        return fn
+
+    fns = {"a": make("a", 3.0), "b": make("b", None), "c": make("c", 7.5)}
+    stats = measure_interleaved(fns, "cpu", repeats=4, warmup=1)
+    timed = calls[3:]  # after one warmup round
+    rounds = [timed[i:i + 3] for i in range(0, 12, 3)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert stats["a"]["ms"] == 3.0 and stats["c"]["ms"] == 7.5 and stats["c"]["repeats"] == 4
+    assert 0.0 <= stats["b"]["ms"] < 1000.0  # wall time of a call that returned nothing
+
+
+@pytest.mark.parametrize("script, args, expect", [
+    ("bench_tps_warp.py", ["--providers", "reference,grid_sample,cpp", "--no-csv"], "speed-up of cpp"),
+    ("bench_masked_kl_div.py", ["--no-save"], "speedup_vs_pytorch"),
+    ("bench_warped_kl_div.py", ["--no-save"], "speedup_vs_unfused"),
+])
+def test_op_benchmark_runs(script, args, expect):
+    if not tpswarp.backends()["extension"]["built"]:
+        pytest.skip("C++ extension not built")
+    cmd = [sys.executable, os.path.join(BENCH, script), "--quick", "--repeats", "2", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert expect in result.stdout
