@@ -94,6 +94,23 @@ def measure_interleaved(fns: Dict[str, Callable[[], Optional[float]]], device: s
     return out
 
 
+def side_by_side_rows(op: str, shape: str, dtype: str, calls: Dict[str, Dict[str, Callable[[], object]]],
+                      device: str, repeats: int) -> List[dict]:
+    """Rows (op, shape, dtype, provider, mode, timings, peak_MiB) for ``calls[provider][mode]``: the
+    providers of each mode timed side by side (measure_interleaved), then one more call of each
+    for its peak memory."""
+    rows = []
+    modes = list(next(iter(calls.values()))) if calls else []
+    for mode in modes:
+        stats = measure_interleaved({name: c[mode] for name, c in calls.items()}, device, repeats=repeats)
+        for name, c in calls.items():
+            with PeakMemory(device) as pm:
+                c[mode]()
+            rows.append({"op": op, "shape": shape, "dtype": dtype, "provider": name, "mode": mode, **stats[name],
+                         "peak_MiB": pm.peak / 2**20})
+    return rows
+
+
 class PeakMemory:
     """Peak bytes allocated by tensors while inside the block, on CPU or CUDA.
 

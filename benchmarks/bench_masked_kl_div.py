@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 import tpswarp  # noqa: E402
-from _common import PeakMemory, append_rows, measure_interleaved, print_table  # noqa: E402
+from _common import append_rows, print_table, side_by_side_rows  # noqa: E402
 
 
 def pytorch_masked_kl(student, teacher, mask):
@@ -40,7 +40,7 @@ def providers(device: str):
 
 def run(shapes, device: str, dtype: torch.dtype, repeats: int):
     """Rows of (shape, provider, mode): all providers of a shape and mode timed side by side, round
-    by round (_common.measure_interleaved)."""
+    by round (_common.side_by_side_rows)."""
     rows = []
     for B, C, H, W in shapes:
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -68,13 +68,7 @@ def run(shapes, device: str, dtype: torch.dtype, repeats: int):
                 s.grad = None
 
             calls[name] = {"forward": forward, "backward": backward, "full": full}
-        for mode in ("forward", "backward", "full"):
-            stats = measure_interleaved({name: c[mode] for name, c in calls.items()}, device, repeats=repeats)
-            for name, c in calls.items():
-                with PeakMemory(device) as pm:
-                    c[mode]()
-                rows.append({"op": "masked_kl_div", "shape": f"{B}x{C}x{H}x{W}", "dtype": str(dtype).split(".")[-1],
-                             "provider": name, "mode": mode, **stats[name], "peak_MiB": pm.peak / 2**20})
+        rows += side_by_side_rows("masked_kl_div", f"{B}x{C}x{H}x{W}", str(dtype).split(".")[-1], calls, device, repeats)
         del calls
     return rows
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tpswarp  # noqa: E402
-from _common import PeakMemory, append_rows, measure_interleaved, print_table  # noqa: E402
+from _common import append_rows, print_table, side_by_side_rows  # noqa: E402
 from tpswarp.testing import random_tps  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def providers(device: str):
 
 def run(shapes, device: str, dtype: torch.dtype, repeats: int, only=None):
     """Rows of (shape, provider, mode): all providers of a shape and mode timed side by side, round
-    by round (_common.measure_interleaved)."""
+    by round (_common.side_by_side_rows)."""
     rows = []
     for B, C, H, W in shapes:
         g = torch.Generator().manual_seed(0)
@@ -82,13 +82,7 @@ def run(shapes, device: str, dtype: torch.dtype, repeats: int, only=None):
                 s.grad = None
 
             calls[name] = {"forward": forward, "backward": backward, "full": full}
-        for mode in ("forward", "backward", "full"):
-            stats = measure_interleaved({name: c[mode] for name, c in calls.items()}, device, repeats=repeats)
-            for name, c in calls.items():
-                with PeakMemory(device) as pm:
-                    c[mode]()
-                rows.append({"op": "warped_kl_div", "shape": f"{B}x{C}x{H}x{W}", "dtype": str(dtype).split(".")[-1],
-                             "provider": name, "mode": mode, **stats[name], "peak_MiB": pm.peak / 2**20})
+        rows += side_by_side_rows("warped_kl_div", f"{B}x{C}x{H}x{W}", str(dtype).split(".")[-1], calls, device, repeats)
         del calls
     return rows
 
