@@ -82,7 +82,8 @@ def run(shapes, device: str, dtype: torch.dtype, repeats: int, only=None):
                 s.grad = None
 
             calls[name] = {"forward": forward, "backward": backward, "full": full}
-        rows += side_by_side_rows("warped_kl_div", f"{B}x{C}x{H}x{W}", str(dtype).split(".")[-1], calls, device, repeats)
+        shape = f"{B}x{C}x{H}x{W}"
+        rows += side_by_side_rows("warped_kl_div", shape, str(dtype).split(".")[-1], calls, device, repeats)
         del calls
     return rows
 
