@@ -1073,9 +1073,9 @@ void backward_row(const BackwardArgs<scalar_t, acc>& a, int64_t b, int64_t i, in
         }
         if (coord) pair_coord_grad_avx2(img_b, C, a.is.c, go, a.gs.c, len, w.pair_taps, a.fill, w.gfx, w.gfy);
         if (scatter && a.zero_rows) {
-          int32_t last = 0;  // the lowest bottom-row offset: bottom rows are never above top rows
-          for (int64_t j = 0; j < len; ++j) last = std::max(last, w.pair_taps.ob[j]);
-          zero_rows_upto(gi_b, c0, c1, a.gis.c, a.gis.h, last / a.gis.h + 1, w.zeroed);
+          int32_t deepest = 0;  // the largest bottom-row offset (a top row is never below its bottom row)
+          for (int64_t j = 0; j < len; ++j) deepest = std::max(deepest, w.pair_taps.ob[j]);
+          zero_rows_upto(gi_b, c0, c1, a.gis.c, a.gis.h, deepest / a.gis.h + 1, w.zeroed);
         }
         if (scatter) {
           scatter_pairs_avx2(gi_b, c0, c1, a.gis.c, go, a.gs.c, len, w.pair_taps, static_cast<int32_t>(cfg.W - 4));
