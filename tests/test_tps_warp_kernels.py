@@ -368,6 +368,25 @@ def test_float32_row_pair_backward_matches_reference(no_avx2):
     assert float(result.stdout.split("worst")[-1]) < 1e-4
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_upstream_gradient_reaches_only_its_taps(value):
+    """An infinite or NaN upstream gradient at one output pixel makes the image gradient
+    non-finite exactly where the reference's is (that pixel's taps): the float32 scatter adds two
+    neighbouring pixels through one 4-column window, whose other columns must not receive g * 0."""
+    gen = torch.Generator().manual_seed(0)
+    src, _, params = random_tps(1, scale=0.1, generator=gen)
+    image = torch.randn(1, 2, 40, 48, generator=gen)
+    for i, j in [(20, 21), (20, 20), (5, 7), (33, 40)]:  # odd and even columns (both pixels of a pair)
+        grad_out = torch.randn(1, 2, 40, 48, generator=gen)
+        grad_out[0, 1, i, j] = value
+        got = grads(tpswarp.tps_warp, image, src, params, grad_out)[2]
+        want = grads(reference.tps_warp, image, src, params, grad_out)[2]
+        assert (~want.isfinite()).sum() == 4
+        assert torch.equal(got.isfinite(), want.isfinite()), (i, j)
+        finite = want.isfinite()
+        assert_close(got[finite], want[finite], grad=True)
+
+
 # --------------------------------------------------------------------------------------
 # the baseline-ISA code (no AVX2), in a subprocess
 # --------------------------------------------------------------------------------------

@@ -442,8 +442,12 @@ TPSWARP_AVX2_INLINE void scatter_one_pair(float* gi, int64_t c0, int64_t c1, int
 
 TPSWARP_TARGET_AVX2 void scatter_pairs_avx2(float* gi, int64_t c0, int64_t c1, int64_t gisc, const float* go,
                                             int64_t gsc, int64_t len, const PairBackwardChunk& t, int32_t last4) {
-  // (lt, rt, 0, 0) moved right by d = 0, 1, 2 columns (index 2 reads a 0)
+  // (lt, rt, 0, 0) moved right by d = 0, 1, 2 columns (index 2 reads a 0), and the lanes of each
+  // pixel's pair: the products are masked to them, so that a non-finite g reaches no other column
+  // through g * 0
   alignas(16) static constexpr int32_t kShift[3][4] = {{0, 1, 2, 2}, {2, 0, 1, 2}, {2, 2, 0, 1}};
+  alignas(16) static constexpr int32_t kLanes[3][4] = {{-1, -1, 0, 0}, {0, -1, -1, 0}, {0, 0, -1, -1}};
+  const __m128 lanes_j = _mm_castsi128_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(kLanes[0])));
   const int64_t units = len / 2;
   for (int64_t s = 0; s < kPairStride; ++s) {
     for (int64_t u = s; u < units; u += kPairStride) {
@@ -451,15 +455,20 @@ TPSWARP_TARGET_AVX2 void scatter_pairs_avx2(float* gi, int64_t c0, int64_t c1, i
       const int32_t dt = t.ot[k] - t.ot[j], db = t.ob[k] - t.ob[j];
       if (dt == db && dt >= 0 && dt <= 2 && t.xb[j] <= last4) {
         const __m128i shift = _mm_load_si128(reinterpret_cast<const __m128i*>(kShift[dt]));
+        const __m128 lanes_k = _mm_castsi128_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(kLanes[dt])));
         const __m128 at = _mm_setr_ps(t.lt[j], t.rt[j], 0.f, 0.f), ab = _mm_setr_ps(t.lb[j], t.rb[j], 0.f, 0.f);
         const __m128 bt = _mm_permutevar_ps(_mm_setr_ps(t.lt[k], t.rt[k], 0.f, 0.f), shift);
         const __m128 bb = _mm_permutevar_ps(_mm_setr_ps(t.lb[k], t.rb[k], 0.f, 0.f), shift);
         for (int64_t c = c0; c < c1; ++c) {
           const __m128 gj = _mm_set1_ps(go[c * gsc + j]), gk = _mm_set1_ps(go[c * gsc + k]);
           float* top = gi + c * gisc + t.ot[j];
-          _mm_storeu_ps(top, _mm_fmadd_ps(gk, bt, _mm_fmadd_ps(gj, at, _mm_loadu_ps(top))));
+          const __m128 vt =
+              _mm_add_ps(_mm_and_ps(lanes_j, _mm_mul_ps(gj, at)), _mm_and_ps(lanes_k, _mm_mul_ps(gk, bt)));
+          _mm_storeu_ps(top, _mm_add_ps(_mm_loadu_ps(top), vt));
           float* bottom = gi + c * gisc + t.ob[j];
-          _mm_storeu_ps(bottom, _mm_fmadd_ps(gk, bb, _mm_fmadd_ps(gj, ab, _mm_loadu_ps(bottom))));
+          const __m128 vb =
+              _mm_add_ps(_mm_and_ps(lanes_j, _mm_mul_ps(gj, ab)), _mm_and_ps(lanes_k, _mm_mul_ps(gk, bb)));
+          _mm_storeu_ps(bottom, _mm_add_ps(_mm_loadu_ps(bottom), vb));
         }
       } else {
         scatter_one_pair(gi, c0, c1, gisc, go, gsc, t, j);
