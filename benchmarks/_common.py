@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: timing, peak memory, CSV rows with the machine and commit, plots."""
+"""Shared benchmark helpers: timing (side by side), peak memory, CSV rows with the machine and commit, plots."""
 from __future__ import annotations
 
 import csv
@@ -186,3 +186,45 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
     return "" if v is None else str(v)
+
+
+def plot_rows(name: str, rows: List[dict], title: str, device: str) -> Optional[str]:
+    """Bar chart of one run's median times (log scale): one panel per shape, the modes along x, a
+    bar per provider with its time written on it. Saved as ``benchmarks/results/<name>.png``
+    (overwritten: the CSV keeps the history); None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    shapes = list(dict.fromkeys(r.get("shape", "") for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.2), squeeze=False)
+    width = 0.8 / max(1, len(providers))
+    for ax, shape in zip(axes[0], shapes):
+        by = {(r["provider"], r["mode"]): r["ms"] for r in rows if r.get("shape", "") == shape}
+        for k, prov in enumerate(providers):
+            xs = [m + (k - (len(providers) - 1) / 2) * width for m in range(len(modes))]
+            ys = [by.get((prov, mode), float("nan")) for mode in modes]
+            bars = ax.bar(xs, ys, width, label=prov)
+            for bar, y in zip(bars, ys):
+                if y == y:  # not NaN
+                    ax.annotate(f"{y:.3g}", (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom",
+                                fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(modes)))
+        ax.set_xticklabels(modes)
+        ax.set_ylabel("median ms (log scale)")
+        ax.set_title(shape, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}\n{device_name(device)}, torch {torch.__version__}, commit {git_commit()}", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 import tpswarp  # noqa: E402
-from _common import append_rows, print_table, side_by_side_rows  # noqa: E402
+from _common import append_rows, plot_rows, print_table, side_by_side_rows  # noqa: E402
 
 
 def pytorch_masked_kl(student, teacher, mask):
@@ -95,7 +95,11 @@ def main(argv=None):
     print_table(rows, ["shape", "provider", "mode", "ms", "ms_q20", "ms_q80", "peak_MiB", "speedup_vs_pytorch",
                        "peak_vs_pytorch"], title=f"masked_kl_div on {args.device}, {args.dtype}")
     if not args.no_save:
-        print("rows appended to", append_rows(f"masked_kl_div_{args.device.split(':')[0]}", rows, args.device))
+        name = f"masked_kl_div_{args.device.split(':')[0]}"
+        print("rows appended to", append_rows(name, rows, args.device))
+        plot = plot_rows(name, rows, f"masked_kl_div {args.dtype}", args.device)
+        if plot:
+            print("plot:", plot)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import PeakMemory, append_rows, device_name, measure, print_table  # noqa: E402
+from _common import PeakMemory, append_rows, device_name, measure, plot_rows, print_table  # noqa: E402
 
 import tpswarp  # noqa: E402
 from tpswarp.reference import photometric_jitter as reference_jitter  # noqa: E402
@@ -181,6 +181,9 @@ def main():
     if not args.no_csv:
         path = append_rows("photometric_jitter_cpu", rows, "cpu")
         print(f"\nrows appended to {path}")
+        plot = plot_rows("photometric_jitter_cpu", rows, f"photometric_jitter {B}x{C}x{H}x{W} {args.dtype}", "cpu")
+        if plot:
+            print(f"plot: {plot}")
 
 
 if __name__ == "__main__":

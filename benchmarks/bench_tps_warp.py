@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import PeakMemory, append_rows, device_name, measure_interleaved, print_table  # noqa: E402
+from _common import PeakMemory, append_rows, device_name, measure_interleaved, plot_rows, print_table  # noqa: E402
 
 import tpswarp  # noqa: E402
 from tpswarp import reference  # noqa: E402
@@ -188,6 +188,9 @@ def main():
     if not args.no_csv:
         path = append_rows("tps_warp_cpu", rows, "cpu")
         print(f"\nrows appended to {path}")
+        plot = plot_rows("tps_warp_cpu", rows, f"tps_warp (+ tps_solve) {B}x{C}x{H}x{W} {args.dtype} {layout}", "cpu")
+        if plot:
+            print(f"plot: {plot}")
 
 
 if __name__ == "__main__":

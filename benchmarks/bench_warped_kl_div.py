@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tpswarp  # noqa: E402
-from _common import append_rows, print_table, side_by_side_rows  # noqa: E402
+from _common import append_rows, plot_rows, print_table, side_by_side_rows  # noqa: E402
 from tpswarp.testing import random_tps  # noqa: E402
 
 
@@ -109,7 +109,11 @@ def main(argv=None):
     print_table(rows, ["shape", "provider", "mode", "ms", "ms_q20", "ms_q80", "peak_MiB", "speedup_vs_unfused",
                        "peak_vs_unfused"], title=f"warped_kl_div on {args.device}, {args.dtype}")
     if not args.no_save:
-        print("rows appended to", append_rows(f"warped_kl_div_{args.device.split(':')[0]}", rows, args.device))
+        name = f"warped_kl_div_{args.device.split(':')[0]}"
+        print("rows appended to", append_rows(name, rows, args.device))
+        plot = plot_rows(name, rows, f"warped_kl_div {args.dtype}", args.device)
+        if plot:
+            print("plot:", plot)
 
 
 if __name__ == "__main__":

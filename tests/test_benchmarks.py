@@ -52,3 +52,17 @@ def test_op_benchmark_runs(script, args, expect):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert expect in result.stdout
+
+
+def test_plot_rows_writes_a_png(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import _common
+
+    monkeypatch.setattr(_common, "RESULTS", str(tmp_path))
+    rows = [{"shape": s, "provider": p, "mode": m, "ms": ms}
+            for s in ("8x19x224x224", "8x19x448x448") for p, ms in (("pytorch", 9.0), ("cpp", 3.0))
+            for m in ("forward", "full")]
+    path = _common.plot_rows("op_cpu", rows, "op", "cpu")
+    assert path == str(tmp_path / "op_cpu.png")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
