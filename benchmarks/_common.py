@@ -16,15 +16,17 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def git_commit() -> str:
-    """The checkout's short commit (``+dirty`` with local changes); ``GIT_COMMIT`` overrides it
-    where the tree is a copy without ``.git`` (the lent GPU machine)."""
+    """The checkout's short commit (``+dirty`` with local changes outside ``benchmarks/results``,
+    where runs write); ``GIT_COMMIT`` overrides it where the tree is a copy without ``.git`` (the
+    lent GPU machine)."""
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"][:7]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], capture_output=True, text=True, cwd=root).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
