@@ -100,6 +100,11 @@ def set_backend(backend: Optional[str] = None) -> None:
     _selected.update(selected)
 
 
+def selected(op: str, device: str) -> Optional[str]:
+    """The backend serving ``op`` on ``device`` ("cpu" or "cuda") now, or None before any choice."""
+    return _selected.get(device, {}).get(op)
+
+
 def get_backend() -> Optional[str]:
     """The forced backend, or None for the default choice."""
     return _forced

@@ -48,6 +48,10 @@ SCHEMAS = {
         "Tensor src, Tensor params, bool teacher_is_logits, bool align_corners, str reduction, "
         "int[]? size, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
+    "_warped_kl_div_with_grad": (
+        "_warped_kl_div_with_grad(Tensor student_logits, Tensor teacher, Tensor src, Tensor params, "
+        "bool teacher_is_logits, bool align_corners, str reduction, int[]? size) -> (Tensor, Tensor)"
+    ),
 }
 
 PUBLIC_OPS = [name for name in SCHEMAS if not name.startswith("_")]

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/upsample_bilinear2d.h>
 #include <ATen/ops/upsample_bilinear2d_backward.h>
 #include <ATen/ops/zeros.h>
@@ -422,27 +423,34 @@ void block_kl(const Problem& pb, int64_t P, const acc* s, int64_t scs, const acc
 }
 
 // Gradients of scale[p] * KL_p w.r.t. the student values (into gs[c * gscs + p]) and the warped
-// teacher values (into gtbuf[c * kBlock + p]); either output may be null (not wanted).
+// teacher values (into gtbuf[c * kBlock + p]); either output may be null (not wanted). With kl,
+// also KL_p into kl[p] (as block_kl computes it).
 template <typename acc>
 void block_kl_grad(const Problem& pb, int64_t P, const acc* s, int64_t scs, const acc* tbuf, const acc* scale, acc* gs,
-                   int64_t gscs, acc* gtbuf) {
+                   int64_t gscs, acc* gtbuf, acc* kl = nullptr) {
   if constexpr (std::is_same_v<acc, float>) {
     cpu::KLBlockStats st;
     if (pb.logits) {
-      if (gtbuf)  // the logits teacher's gradient needs the KL value
+      if (gtbuf || kl)  // the logits teacher's gradient needs the KL value
         cpu::kl_block_stats<float, float, true>(s, scs, tbuf, kBlock, pb.C, P, st);
       else
         cpu::kl_block_stats<float, float, true, false>(s, scs, tbuf, kBlock, pb.C, P, st);
       cpu::kl_block_grad<float, float, float, true>(s, scs, tbuf, kBlock, pb.C, P, st, scale, gs, gscs, gtbuf, kBlock);
     } else {
-      cpu::kl_block_stats<float, float, false, false>(s, scs, tbuf, kBlock, pb.C, P, st);
+      if (kl)
+        cpu::kl_block_stats<float, float, false>(s, scs, tbuf, kBlock, pb.C, P, st);
+      else
+        cpu::kl_block_stats<float, float, false, false>(s, scs, tbuf, kBlock, pb.C, P, st);
       cpu::kl_block_grad<float, float, float, false>(s, scs, tbuf, kBlock, pb.C, P, st, scale, gs, gscs, gtbuf, kBlock);
     }
+    if (kl)
+      for (int64_t p = 0; p < P; ++p) kl[p] = st.kl[p];
   } else {
     for (int64_t p = 0; p < P; ++p) {
       const auto st = kl_pixel<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits);
       kl_pixel_grad<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits, st, scale[p], gs ? gs + p : nullptr, gscs,
                          gtbuf ? gtbuf + p : nullptr, kBlock);
+      if (kl) kl[p] = st.kl;
     }
   }
 }
@@ -573,7 +581,8 @@ at::Tensor warped_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor&
 template <typename scalar_t, typename acc>
 void backward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t, const at::Tensor& src_acc,
                      const at::Tensor& params_acc, const at::Tensor& weights, const at::Tensor& factor,
-                     at::Tensor* grad_s, at::Tensor* grad_t_acc, at::Tensor* row_partials) {
+                     at::Tensor* grad_s, at::Tensor* grad_t_acc, at::Tensor* row_partials,
+                     at::Tensor* kl_out = nullptr) {
   const scalar_t* sp = s.const_data_ptr<scalar_t>();
   const scalar_t* tp = t.const_data_ptr<scalar_t>();
   const acc* srcp = src_acc.const_data_ptr<acc>();
@@ -586,6 +595,7 @@ void backward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t
   const auto gss = grad_s ? strides4(*grad_s) : std::array<int64_t, 4>{0, 0, 0, 0};
   acc* gtp = grad_t_acc ? grad_t_acc->mutable_data_ptr<acc>() : nullptr;  // contiguous (B, C, Ht, Wt)
   acc* rowp = row_partials ? row_partials->mutable_data_ptr<acc>() : nullptr;  // (B * H, 2n + 2(n + 3))
+  acc* klp = kl_out ? kl_out->mutable_data_ptr<acc>() : nullptr;  // (B, H * W): the forward's per-pixel KL
   const int64_t n = pb.n, row_len = 2 * n + 2 * (n + 3);
   const acc sx = normalized_to_pixel_scale<acc>(pb.Wt, pb.align_corners);
   const acc sy = normalized_to_pixel_scale<acc>(pb.Ht, pb.align_corners);
@@ -614,7 +624,9 @@ void backward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t
       const acc* s_blk = s_direct ? reinterpret_cast<const acc*>(sp) + b * ss[0] + i * ss[2] + j0 : sbuf;
       acc* gs_blk = gs_direct ? reinterpret_cast<acc*>(gsp) + b * gss[0] + i * gss[2] + j0 : (gsp ? gsbuf : nullptr);
       block_kl_grad<acc>(pb, blk.P, s_blk, s_direct ? ss[1] : kBlock, tbuf, scale, gs_blk, gs_direct ? gss[1] : kBlock,
-                         gtp || part ? gtbuf : nullptr);
+                         gtp || part ? gtbuf : nullptr, klp ? klp + o : nullptr);
+      if (klp)
+        for (int64_t p = 0; p < blk.P; ++p) klp[o + p] = wp[o + p] != acc(0) ? klp[o + p] : acc(0);
       if (gsp && !gs_direct) {
         for (int64_t c = 0; c < pb.C; ++c) {
           scalar_t* dst = gsp + b * gss[0] + c * gss[1] + i * gss[2] + j0 * gss[3];
@@ -706,45 +718,17 @@ at::Tensor resize_to(const at::Tensor& x, at::IntArrayRef size, at::ScalarType d
   return at::upsample_bilinear2d(y, size, /*align_corners=*/false);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sized_backward(
-    const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
-    const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
-    at::IntArrayRef size, std::array<bool, 4> output_mask) {
-  auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
-  set_size(pb, size);
-  auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };
-  at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : placeholder(student_logits);
-  at::Tensor grad_t = placeholder(teacher), grad_src = placeholder(src), grad_params = placeholder(params);
+// The fused student gradient with size=(H, W) (pass 1 and pass 2 of sized_backward) for the upstream
+// gradient grad_loss, into grad_s (B, C, hs, ws); pass 1 leaves the forward's per-pixel KL and
+// validity weights in kl and weights (zeros (B, H * W) of the compute dtype on entry).
+void sized_student_grad(const Problem& pb, const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                        const at::Tensor& teacher, const at::Tensor& src, const at::Tensor& params, at::Tensor& grad_s,
+                        at::Tensor& kl, at::Tensor& weights) {
   const int64_t N = pb.H * pb.W;
-
-  if (output_mask[1] || output_mask[2] || output_mask[3]) {  // composed (see above)
-    auto s_up = resize_to(student_logits, size, pb.acc_dtype);
-    auto t_up = resize_to(teacher, size, pb.acc_dtype);
-    auto g = warped_kl_div_backward_cpu(grad_loss, s_up, t_up, src, params, teacher_is_logits, align_corners,
-                                        reduction, std::nullopt, {false, output_mask[1], output_mask[2], output_mask[3]});
-    if (output_mask[1]) {
-      auto gt_up = std::get<1>(g);
-      auto gt = teacher.sizes().slice(2) == size
-                    ? gt_up
-                    : at::upsample_bilinear2d_backward(gt_up, size, teacher.sizes(), /*align_corners=*/false);
-      grad_t = at::empty_like(teacher);
-      grad_t.copy_(gt);
-    }
-    grad_src = std::get<2>(g);
-    grad_params = std::get<3>(g);
-  }
-  if (!output_mask[0]) return {grad_s, grad_t, grad_src, grad_params};
-  if (pb.B * N == 0 || pb.C == 0) {
-    grad_s.zero_();
-    return {grad_s, grad_t, grad_src, grad_params};
-  }
-
   auto s = student_logits.to(pb.in_dtype);
   auto t = teacher.to(pb.in_dtype);
   auto src_acc = src.to(pb.acc_dtype).contiguous();
   auto params_acc = params.to(pb.acc_dtype).contiguous();
-  auto kl = at::zeros({pb.B, N}, student_logits.options().dtype(pb.acc_dtype));
-  auto weights = at::zeros({pb.B, N}, kl.options());
   auto stats = at::empty({4, pb.B * N}, kl.options());
   at::Tensor gs = grad_s.scalar_type() != pb.in_dtype ? at::empty_like(grad_s, grad_s.options().dtype(pb.in_dtype))
                                                       : grad_s;
@@ -788,28 +772,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sized_backward(
       run(float{});
   });
   if (!gs.is_same(grad_s)) grad_s.copy_(gs);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sized_backward(
+    const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
+    const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
+    at::IntArrayRef size, std::array<bool, 4> output_mask) {
+  auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+  set_size(pb, size);
+  auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };
+  at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : placeholder(student_logits);
+  at::Tensor grad_t = placeholder(teacher), grad_src = placeholder(src), grad_params = placeholder(params);
+  const int64_t N = pb.H * pb.W;
+
+  if (output_mask[1] || output_mask[2] || output_mask[3]) {  // composed (see above)
+    auto s_up = resize_to(student_logits, size, pb.acc_dtype);
+    auto t_up = resize_to(teacher, size, pb.acc_dtype);
+    auto g = warped_kl_div_backward_cpu(grad_loss, s_up, t_up, src, params, teacher_is_logits, align_corners,
+                                        reduction, std::nullopt, {false, output_mask[1], output_mask[2], output_mask[3]});
+    if (output_mask[1]) {
+      auto gt_up = std::get<1>(g);
+      auto gt = teacher.sizes().slice(2) == size
+                    ? gt_up
+                    : at::upsample_bilinear2d_backward(gt_up, size, teacher.sizes(), /*align_corners=*/false);
+      grad_t = at::empty_like(teacher);
+      grad_t.copy_(gt);
+    }
+    grad_src = std::get<2>(g);
+    grad_params = std::get<3>(g);
+  }
+  if (!output_mask[0]) return {grad_s, grad_t, grad_src, grad_params};
+  if (pb.B * N == 0 || pb.C == 0) {
+    grad_s.zero_();
+    return {grad_s, grad_t, grad_src, grad_params};
+  }
+  auto kl = at::zeros({pb.B, N}, student_logits.options().dtype(pb.acc_dtype));
+  auto weights = at::zeros({pb.B, N}, kl.options());
+  sized_student_grad(pb, grad_loss, student_logits, teacher, src, params, grad_s, kl, weights);
   return {grad_s, grad_t, grad_src, grad_params};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
-    const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
-    at::OptionalIntArrayRef size, std::array<bool, 4> output_mask) {
-  if (uses_size(student_logits, teacher, size))
-    return sized_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction,
-                          *size, output_mask);
-  const auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+// The full-resolution backward (backward_pixels) into the gradients output_mask asks for (grad_t, grad_src
+// and grad_params zeros on entry); with kl_out, the same pass also stores the forward's per-pixel KL
+// there ((B, H * W) of the compute dtype). Returns the validity weights (B, H * W).
+at::Tensor full_backward(const Problem& pb, const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                         const at::Tensor& teacher, const at::Tensor& src, const at::Tensor& params,
+                         std::array<bool, 4> output_mask, at::Tensor& grad_s, at::Tensor& grad_t, at::Tensor& grad_src,
+                         at::Tensor& grad_params, at::Tensor* kl_out = nullptr) {
   const bool need_coords = output_mask[2] || output_mask[3];
-  auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };
-  at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : placeholder(student_logits);
-  at::Tensor grad_t = output_mask[1] ? at::zeros_like(teacher) : placeholder(teacher);
-  at::Tensor grad_src = output_mask[2] ? at::zeros_like(src) : placeholder(src);
-  at::Tensor grad_params = output_mask[3] ? at::zeros_like(params) : placeholder(params);
   const int64_t N = pb.H * pb.W;
-  if (pb.B * N == 0 || pb.C == 0 || pb.Ht == 0 || pb.Wt == 0 || !(output_mask[0] || output_mask[1] || need_coords)) {
-    if (output_mask[0]) grad_s.zero_();
-    return {grad_s, grad_t, grad_src, grad_params};
-  }
   auto s = student_logits.to(pb.in_dtype);
   auto t = teacher.to(pb.in_dtype);
   auto src_acc = src.to(pb.acc_dtype).contiguous();
@@ -832,7 +843,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
     auto run = [&](auto acc_tag) {
       using acc = decltype(acc_tag);
       backward_pixels<scalar_t, acc>(pb, s, t, src_acc, params_acc, weights, factor, output_mask[0] ? &gs : nullptr,
-                                     output_mask[1] ? &gt_acc : nullptr, need_coords ? &partials : nullptr);
+                                     output_mask[1] ? &gt_acc : nullptr, need_coords ? &partials : nullptr, kl_out);
     };
     if (pb.acc_dtype == at::kDouble)
       run(double{});
@@ -847,7 +858,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
     if (output_mask[2]) grad_src.copy_(per_item.narrow(1, 0, 2 * pb.n).view({pb.B, pb.n, 2}));
     if (output_mask[3]) grad_params.copy_(per_item.narrow(1, 2 * pb.n, 2 * (pb.n + 3)).view({pb.B, pb.n + 3, 2}));
   }
+  return weights;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
+    const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
+    at::OptionalIntArrayRef size, std::array<bool, 4> output_mask) {
+  if (uses_size(student_logits, teacher, size))
+    return sized_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction,
+                          *size, output_mask);
+  const auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+  const bool need_coords = output_mask[2] || output_mask[3];
+  auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };
+  at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : placeholder(student_logits);
+  at::Tensor grad_t = output_mask[1] ? at::zeros_like(teacher) : placeholder(teacher);
+  at::Tensor grad_src = output_mask[2] ? at::zeros_like(src) : placeholder(src);
+  at::Tensor grad_params = output_mask[3] ? at::zeros_like(params) : placeholder(params);
+  const int64_t N = pb.H * pb.W;
+  if (pb.B * N == 0 || pb.C == 0 || pb.Ht == 0 || pb.Wt == 0 || !(output_mask[0] || output_mask[1] || need_coords)) {
+    if (output_mask[0]) grad_s.zero_();
+    return {grad_s, grad_t, grad_src, grad_params};
+  }
+  full_backward(pb, grad_loss, student_logits, teacher, src, params, output_mask, grad_s, grad_t, grad_src, grad_params);
   return {grad_s, grad_t, grad_src, grad_params};
+}
+
+// tpswarp::_warped_kl_div_with_grad: the loss and its gradient w.r.t. student_logits for an upstream
+// gradient of 1, from one pass over the inputs (the gather and statistics of the forward serve the
+// gradient too). For reduction "mean" / "sum"; the Python autograd formula scales by the upstream gradient.
+std::tuple<at::Tensor, at::Tensor> warped_kl_div_with_grad_cpu(const at::Tensor& student_logits, const at::Tensor& teacher,
+                                                              const at::Tensor& src, const at::Tensor& params,
+                                                              bool teacher_is_logits, bool align_corners,
+                                                              c10::string_view reduction, at::OptionalIntArrayRef size) {
+  const bool sized = uses_size(student_logits, teacher, size);
+  auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+  TORCH_CHECK_VALUE(pb.reduction != Reduction::None, "_warped_kl_div_with_grad: `reduction` must be 'mean' or 'sum', ",
+                    "got 'none'");
+  if (sized) set_size(pb, *size);
+  auto kl = at::zeros({pb.B, pb.H * pb.W}, student_logits.options().dtype(pb.acc_dtype));
+  auto weights = at::zeros({pb.B, pb.H * pb.W}, kl.options());
+  auto grad_s = at::empty_like(student_logits);
+  const auto one = at::ones({}, kl.options());
+  if (kl.numel() == 0 || pb.C == 0 || pb.Ht == 0 || pb.Wt == 0) {
+    grad_s.zero_();
+  } else if (sized) {
+    sized_student_grad(pb, one, student_logits, teacher, src, params, grad_s, kl, weights);
+  } else {
+    auto unused = at::empty({0}, kl.options());
+    weights = full_backward(pb, one, student_logits, teacher, src, params, {true, false, false, false}, grad_s, unused,
+                            unused, unused, &kl);
+  }
+  return {kl_reduce(kl, weights, pb.reduction, {pb.B, pb.H, pb.W}), grad_s};
 }
 
 }  // namespace
@@ -855,6 +917,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
 TORCH_LIBRARY_IMPL(tpswarp, CPU, m) {
   m.impl("warped_kl_div", &warped_kl_div_cpu);
   m.impl("_warped_kl_div_backward", &warped_kl_div_backward_cpu);
+  m.impl("_warped_kl_div_with_grad", &warped_kl_div_with_grad_cpu);
 }
 
 }  // namespace tpswarp
