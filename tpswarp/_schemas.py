@@ -39,6 +39,10 @@ SCHEMAS = {
         "_masked_kl_div_backward(Tensor grad_loss, Tensor student_logits, Tensor teacher, "
         "Tensor? mask, bool teacher_is_logits, str reduction, int[]? size, bool[2] output_mask) -> (Tensor, Tensor)"
     ),
+    "_masked_kl_div_with_grad": (
+        "_masked_kl_div_with_grad(Tensor student_logits, Tensor teacher, Tensor? mask, bool teacher_is_logits, "
+        "str reduction, int[]? size) -> (Tensor, Tensor)"
+    ),
     "warped_kl_div": (
         "warped_kl_div(Tensor student_logits, Tensor teacher, Tensor src, Tensor params, "
         "bool teacher_is_logits=False, bool align_corners=False, str reduction=\"mean\", int[]? size=None) -> Tensor"

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -284,21 +285,15 @@ at::Tensor masked_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor&
   return kl_reduce(kl, weights, reduction, kl_loss_shape(student_logits));
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
-                                                              const at::Tensor& teacher,
-                                                              const std::optional<at::Tensor>& mask,
-                                                              bool teacher_is_logits, c10::string_view reduction_name,
-                                                              at::OptionalIntArrayRef size,
-                                                              std::array<bool, 2> output_mask) {
-  if (size.has_value() && !size_is_identity(student_logits, teacher, size))
-    return sized_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction_name, *size,
-                          output_mask);
-  check_inputs(student_logits, teacher);
-  const auto reduction = parse_reduction(reduction_name, kOp);
+// The full-resolution backward for the (B, N) weights (undefined: all 1); with kl_out ((B, N) of the
+// compute dtype), the same pass also stores the forward's per-pixel weighted KL there.
+std::tuple<at::Tensor, at::Tensor> full_backward(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                                 const at::Tensor& teacher, const at::Tensor& weights,
+                                                 bool teacher_is_logits, Reduction reduction,
+                                                 std::array<bool, 2> output_mask, at::Tensor* kl_out = nullptr) {
   const auto dtype = kl_compute_dtype(student_logits, teacher);
   const int64_t B = student_logits.size(0), C = student_logits.size(1);
   const int64_t N = B * C == 0 ? 0 : student_logits.numel() / (B * C);
-  auto weights = kl_weights(mask, student_logits, dtype, kOp);
   auto factor = kl_grad_factor(grad_loss, weights, reduction, B, N, dtype);
 
   at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : at::empty({0}, student_logits.options());
@@ -324,6 +319,7 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cpu(const at::Tensor& 
         const bool per_pixel_factor = factor.dim() != 0;
         scalar_t* gsp = output_mask[0] ? gs3.mutable_data_ptr<scalar_t>() : nullptr;
         scalar_t* gtp = output_mask[1] ? gt3.mutable_data_ptr<scalar_t>() : nullptr;
+        float* klp = kl_out ? kl_out->mutable_data_ptr<float>() : nullptr;
         const int64_t blocks_per_row = (N + cpu::kKLBlock - 1) / cpu::kKLBlock;
         at::parallel_for(0, B * blocks_per_row, 1, [&](int64_t begin, int64_t end) {
           cpu::KLBlockStats st;
@@ -339,17 +335,25 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cpu(const at::Tensor& 
             scalar_t* gtb = gtp ? gtp + b * gt3.stride(0) + n0 : nullptr;
             const int64_t gscs = gsp ? gs3.stride(1) : 0, gtcs = gtp ? gt3.stride(1) : 0;
             if (teacher_is_logits) {
-              if (gtb)  // the logits teacher's gradient needs the KL value
+              if (gtb || klp)  // the logits teacher's gradient needs the KL value
                 cpu::kl_block_stats<scalar_t, scalar_t, true>(sb, s.stride(1), tb, t.stride(1), C, P, st);
               else
                 cpu::kl_block_stats<scalar_t, scalar_t, true, false>(sb, s.stride(1), tb, t.stride(1), C, P, st);
               cpu::kl_block_grad<scalar_t, scalar_t, scalar_t, true>(sb, s.stride(1), tb, t.stride(1), C, P, st, scale,
                                                                       gsb, gscs, gtb, gtcs);
             } else {
-              cpu::kl_block_stats<scalar_t, scalar_t, false, false>(sb, s.stride(1), tb, t.stride(1), C, P, st);
+              if (klp)
+                cpu::kl_block_stats<scalar_t, scalar_t, false>(sb, s.stride(1), tb, t.stride(1), C, P, st);
+              else
+                cpu::kl_block_stats<scalar_t, scalar_t, false, false>(sb, s.stride(1), tb, t.stride(1), C, P, st);
               cpu::kl_block_grad<scalar_t, scalar_t, scalar_t, false>(sb, s.stride(1), tb, t.stride(1), C, P, st, scale,
                                                                        gsb, gscs, gtb, gtcs);
             }
+            if (klp)  // as the forward weights it
+              for (int64_t p = 0; p < P; ++p) {
+                const float wi = wp ? wp[b * N + n0 + p] : 1.f;
+                klp[b * N + n0 + p] = wi != 0.f ? wi * st.kl[p] : 0.f;
+              }
           }
         });
       });
@@ -366,6 +370,7 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cpu(const at::Tensor& 
       const int64_t tb = t.stride(0), tc = t.stride(1), tn = t.stride(2);
       const int64_t gsb = gsp ? gs3.stride(0) : 0, gsc = gsp ? gs3.stride(1) : 0, gsn = gsp ? gs3.stride(2) : 0;
       const int64_t gtb = gtp ? gt3.stride(0) : 0, gtc = gtp ? gt3.stride(1) : 0, gtn = gtp ? gt3.stride(2) : 0;
+      acc* klp = kl_out ? kl_out->mutable_data_ptr<acc>() : nullptr;
       at::parallel_for(0, B * N, std::max<int64_t>(1, 2048 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t b = i / N, n = i % N;
@@ -377,12 +382,14 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cpu(const at::Tensor& 
               if (gsi) gsi[c * gsc] = scalar_t(0);
               if (gti) gti[c * gtc] = scalar_t(0);
             }
+            if (klp) klp[i] = 0;
             continue;
           }
           const scalar_t* si = sp + b * sb + n * sn;
           const scalar_t* ti = tp + b * tb + n * tn;
           const auto st = kl_pixel<scalar_t>(si, sc, ti, tc, C, teacher_is_logits);
           kl_pixel_grad<scalar_t>(si, sc, ti, tc, C, teacher_is_logits, st, scale, gsi, gsc, gti, gtc);
+          if (klp) klp[i] = (wp ? wp[i] : acc(1)) * st.kl;
         }
       });
     });
@@ -395,11 +402,77 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cpu(const at::Tensor& 
   return {grad_s, grad_t};
 }
 
+std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                                              const at::Tensor& teacher,
+                                                              const std::optional<at::Tensor>& mask,
+                                                              bool teacher_is_logits, c10::string_view reduction_name,
+                                                              at::OptionalIntArrayRef size,
+                                                              std::array<bool, 2> output_mask) {
+  if (size.has_value() && !size_is_identity(student_logits, teacher, size))
+    return sized_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction_name, *size,
+                          output_mask);
+  check_inputs(student_logits, teacher);
+  const auto reduction = parse_reduction(reduction_name, kOp);
+  auto weights = kl_weights(mask, student_logits, kl_compute_dtype(student_logits, teacher), kOp);
+  return full_backward(grad_loss, student_logits, teacher, weights, teacher_is_logits, reduction, output_mask);
+}
+
+// tpswarp::_masked_kl_div_with_grad: the loss and its gradient w.r.t. student_logits for an upstream
+// gradient of 1, from one pass over the inputs (the statistics of the forward serve the gradient too).
+// For reduction "mean" / "sum"; the Python autograd formula scales by the upstream gradient.
+std::tuple<at::Tensor, at::Tensor> masked_kl_div_with_grad_cpu(const at::Tensor& student_logits,
+                                                              const at::Tensor& teacher,
+                                                              const std::optional<at::Tensor>& mask,
+                                                              bool teacher_is_logits, c10::string_view reduction_name,
+                                                              at::OptionalIntArrayRef size) {
+  const bool sized = size.has_value() && !size_is_identity(student_logits, teacher, size);
+  const auto reduction = parse_reduction(reduction_name, kOp);
+  TORCH_CHECK_VALUE(reduction != Reduction::None, "_masked_kl_div_with_grad: `reduction` must be 'mean' or 'sum', ",
+                    "got 'none'");
+  if (!sized) {
+    check_inputs(student_logits, teacher);
+    const auto dtype = kl_compute_dtype(student_logits, teacher);
+    auto weights = kl_weights(mask, student_logits, dtype, kOp);
+    const int64_t B = student_logits.size(0), C = student_logits.size(1);
+    auto kl = at::zeros({B, B * C == 0 ? 0 : student_logits.numel() / (B * C)}, student_logits.options().dtype(dtype));
+    auto grads = full_backward(at::ones({}, kl.options()), student_logits, teacher, weights, teacher_is_logits,
+                               reduction, {true, false}, &kl);
+    return {kl_reduce(kl, weights, reduction, kl_loss_shape(student_logits)), std::get<0>(grads)};
+  }
+  const auto z = make_sized(student_logits, teacher, *size, teacher_is_logits);
+  auto weights = sized_weights(mask, z, student_logits);
+  const int64_t N = z.H * z.W;
+  auto kl = at::zeros({z.B, N}, student_logits.options().dtype(z.acc_dtype));
+  auto factor = kl_grad_factor(at::ones({}, kl.options()), weights, reduction, z.B, N, z.acc_dtype);
+  at::Tensor grad_s = at::empty_like(student_logits);
+  at::Tensor gs = grad_s.scalar_type() != z.in_dtype ? at::empty_like(grad_s, grad_s.options().dtype(z.in_dtype))
+                                                     : grad_s;
+  if (z.B * N > 0 && z.C > 0) {
+    auto s = student_logits.to(z.in_dtype);
+    auto t = teacher.to(z.in_dtype);
+    auto stats = at::empty({4, z.B * N}, kl.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.in_dtype, "masked_kl_div_with_grad_cpu_sized", [&] {
+      using acc = acc_t<scalar_t>;
+      acc* base = stats.mutable_data_ptr<acc>();
+      const cpu::PixelStats<acc> st{base, base + z.B * N, base + 2 * z.B * N, base + 3 * z.B * N};
+      const acc* wp = weights.defined() ? weights.const_data_ptr<acc>() : nullptr;
+      SizedKernel<scalar_t, acc> k(z, s, t);
+      k.stats(wp, kl.mutable_data_ptr<acc>(), &st);
+      k.input_grad(true, st, wp, factor, gs);
+    });
+  } else {
+    gs.zero_();
+  }
+  if (!gs.is_same(grad_s)) grad_s.copy_(gs);
+  return {kl_reduce(kl, weights, reduction, {z.B, z.H, z.W}), grad_s};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tpswarp, CPU, m) {
   m.impl("masked_kl_div", &masked_kl_div_cpu);
   m.impl("_masked_kl_div_backward", &masked_kl_div_backward_cpu);
+  m.impl("_masked_kl_div_with_grad", &masked_kl_div_with_grad_cpu);
 }
 
 }  // namespace tpswarp

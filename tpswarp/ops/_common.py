@@ -1,4 +1,5 @@
-"""Helpers shared by the op modules: schema definition, empty gradients, reference VJPs."""
+"""Helpers shared by the op modules: schema definition, empty gradients, reference VJPs, the
+student's gradient computed in the forward of the KL ops."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +7,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .._backend import selected
 from .._extension import _C
 from .._schemas import SCHEMAS
 
@@ -96,3 +98,62 @@ def keep_layout(g: torch.Tensor, x: torch.Tensor, needed: bool) -> torch.Tensor:
 
 def gradient_or_none(g: torch.Tensor, needed: bool):
     return g if needed else None
+
+
+# ------------------------------------------------------------------------------------------------
+# The KL ops' student gradient from the forward pass (C++ CPU kernels: `_<op>_with_grad`)
+# ------------------------------------------------------------------------------------------------
+def gradient_in_forward(op: str, student_logits: torch.Tensor, others: Sequence, reduction: str) -> bool:
+    """True where ``_<op>_with_grad`` serves the call: the C++ CPU kernel, a gradient wanted for the
+    student alone (``others``: the other inputs, None allowed), a reduced loss, and no tracing
+    (torch.compile, functorch), which would keep the graph's state in a compiled backward."""
+    return (
+        torch.is_grad_enabled()
+        and student_logits.requires_grad
+        and not any(x is not None and x.requires_grad for x in others)
+        and reduction != "none"
+        and student_logits.device.type == "cpu"
+        and selected(op, "cpu") == "cpp"
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+def register_gradient_in_forward(op: str, setup_context: Callable, num_grads: int, num_inputs: int) -> None:
+    """Autograd of ``tpswarp::_<op>_with_grad`` (outputs: the loss, and its gradient w.r.t. the
+    student for an upstream gradient of 1). ``setup_context`` is the plain op's (it saves the
+    inputs and ``ctx.options`` for ``_<op>_backward``); the first ``num_grads`` inputs are
+    differentiable.
+
+    The first backward hands out the forward's gradient (scaled in place by the upstream gradient
+    unless that is 1; autograd takes it without a copy); a later backward of a retained graph, and
+    any other input's gradient, go through ``_<op>_backward``."""
+    backward_op = getattr(torch.ops.tpswarp, f"_{op}_backward")
+
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output[0])
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zeros for the gradient output's (unused) gradient
+        ctx.student_grad = output[1].detach()
+
+    def backward(ctx, grad_loss, _):
+        if grad_loss is None:  # not materialized: the loss took no part in what is differentiated
+            return (None,) * num_inputs
+        needs = [bool(n) for n in ctx.needs_input_grad[:num_grads]]
+        grad_student = None
+        if needs[0] and ctx.student_grad is not None:
+            grad_student, ctx.student_grad = ctx.student_grad, None
+            if type(grad_loss) is not torch.Tensor:  # traced (opcheck, AOT): no data-dependent branch, no mutation
+                grad_student = grad_student * grad_loss
+            elif grad_loss.item() != 1:
+                grad_student.mul_(grad_loss)
+            needs[0] = False
+        grads = [None] * num_grads
+        if any(needs):
+            computed = backward_op(grad_loss, *ctx.saved_tensors, *ctx.options, needs)
+            grads = [gradient_or_none(g, n) for g, n in zip(computed, needs)]
+        if grad_student is not None:
+            grads[0] = grad_student
+        return (*grads, *([None] * (num_inputs - num_grads)))
+
+    torch.library.register_autograd(f"tpswarp::_{op}_with_grad", backward, setup_context=setup)

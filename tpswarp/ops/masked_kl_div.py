@@ -9,7 +9,7 @@ from .._backend import register_python_backend
 from .._validation import check_masked_kl_div, mask_to_weights, output_spatial
 from ..reference.masked_kl_div import masked_kl_div as reference_masked_kl_div
 from ..reference._tps_math import compute_dtype
-from ._common import gradient_or_none, keep_layout, reference_vjp
+from ._common import gradient_in_forward, gradient_or_none, keep_layout, reference_vjp, register_gradient_in_forward
 
 
 def masked_kl_div(
@@ -48,11 +48,21 @@ def masked_kl_div(
         The loss, float32 (float64 if an input is float64); half inputs are computed in
         float32. Gradients flow to ``student_logits``, and to ``teacher`` when it requires
         grad. The backward recomputes the softmax instead of keeping it alive.
+
+    With the C++ CPU kernels, when only ``student_logits`` requires a gradient (the teacher does
+    not) and ``reduction`` is ``"mean"`` or ``"sum"``, the forward also computes the student's
+    gradient from the same pass (``_masked_kl_div_with_grad``); the backward then only scales it
+    by the upstream gradient. The gradient is held from the forward to the backward (memory the
+    backward would allocate anyway), and a forward that is never differentiated pays for it. Not
+    under ``torch.compile``.
     """
     check_masked_kl_div(student_logits, teacher, mask, reduction, size)
     weights = mask_to_weights(mask, student_logits.shape[0], output_spatial(student_logits, size))
-    return torch.ops.tpswarp.masked_kl_div(student_logits, teacher, weights, bool(teacher_is_logits), reduction,
-                                           None if size is None else [int(s) for s in size])
+    args = (student_logits, teacher, weights, bool(teacher_is_logits), reduction,
+            None if size is None else [int(s) for s in size])
+    if gradient_in_forward("masked_kl_div", student_logits, (teacher, weights), reduction):
+        return torch.ops.tpswarp._masked_kl_div_with_grad(*args)[0]
+    return torch.ops.tpswarp.masked_kl_div(*args)
 
 
 def loss_shape(student_logits: torch.Tensor, reduction: str, size=None) -> tuple:
@@ -92,6 +102,14 @@ def _backward(ctx, grad_loss):
 
 
 torch.library.register_autograd("tpswarp::masked_kl_div", _backward, setup_context=_setup_context)
+
+
+@torch.library.register_fake("tpswarp::_masked_kl_div_with_grad")
+def _fake_with_grad(student_logits, teacher, mask, teacher_is_logits, reduction, size):
+    return _fake(student_logits, teacher, mask, teacher_is_logits, reduction, size), torch.empty_like(student_logits)
+
+
+register_gradient_in_forward("masked_kl_div", _setup_context, num_grads=2, num_inputs=6)
 
 
 def _reference_forward(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean", size=None):

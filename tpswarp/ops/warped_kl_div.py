@@ -5,11 +5,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._backend import register_python_backend, selected
+from .._backend import register_python_backend
 from .._validation import check_warped_kl_div
 from ..reference._tps_math import compute_dtype
 from ..reference.warped_kl_div import warped_kl_div as reference_warped_kl_div
-from ._common import gradient_or_none, keep_layout, reference_vjp
+from ._common import gradient_in_forward, gradient_or_none, keep_layout, reference_vjp, register_gradient_in_forward
 from .masked_kl_div import fake_input_grads, loss_shape
 
 
@@ -63,25 +63,9 @@ def warped_kl_div(
     check_warped_kl_div(student_logits, teacher, src, params, reduction, size)
     args = (student_logits, teacher, src, params, bool(teacher_is_logits), bool(align_corners), reduction,
             None if size is None else [int(s) for s in size])
-    if _gradient_in_forward(student_logits, teacher, src, params, reduction):
+    if gradient_in_forward("warped_kl_div", student_logits, (teacher, src, params), reduction):
         return torch.ops.tpswarp._warped_kl_div_with_grad(*args)[0]
     return torch.ops.tpswarp.warped_kl_div(*args)
-
-
-def _gradient_in_forward(student_logits, teacher, src, params, reduction) -> bool:
-    """True where _warped_kl_div_with_grad serves the call: the C++ CPU kernel, a gradient wanted for the
-    student alone, a reduced loss, and no tracing (torch.compile, functorch) that would keep the graph's
-    state in a compiled backward."""
-    return (
-        torch.is_grad_enabled()
-        and student_logits.requires_grad
-        and not (teacher.requires_grad or src.requires_grad or params.requires_grad)
-        and reduction != "none"
-        and student_logits.device.type == "cpu"
-        and selected("warped_kl_div", "cpu") == "cpp"
-        and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()
-    )
 
 
 @torch.library.register_fake("tpswarp::warped_kl_div")
@@ -118,37 +102,7 @@ def _fake_with_grad(student_logits, teacher, src, params, teacher_is_logits, ali
     return loss, torch.empty_like(student_logits)
 
 
-def _setup_context_with_grad(ctx, inputs, output):
-    _setup_context(ctx, inputs, output[0])
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no zeros for the gradient output's (unused) gradient
-    # Handed out by the first backward; a backward of a retained graph after it recomputes.
-    ctx.student_grad = output[1].detach()
-
-
-def _backward_with_grad(ctx, grad_loss, _):
-    if grad_loss is None:  # not materialized: the loss took no part in what is differentiated
-        return None, None, None, None, None, None, None, None
-    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
-    grad_student = None
-    if needs[0] and ctx.student_grad is not None:
-        grad_student, ctx.student_grad = ctx.student_grad, None
-        if type(grad_loss) is not torch.Tensor:  # traced (opcheck, AOT): no data-dependent branch, no mutation
-            grad_student = grad_student * grad_loss
-        elif grad_loss.item() != 1:
-            grad_student.mul_(grad_loss)
-        needs[0] = False
-    grads = [None] * 4
-    if any(needs):
-        computed = torch.ops.tpswarp._warped_kl_div_backward(grad_loss, *ctx.saved_tensors, *ctx.options, needs)
-        grads = [gradient_or_none(g, n) for g, n in zip(computed, needs)]
-    if grad_student is not None:
-        grads[0] = grad_student
-    return (*grads, None, None, None, None)
-
-
-torch.library.register_autograd("tpswarp::_warped_kl_div_with_grad", _backward_with_grad,
-                                setup_context=_setup_context_with_grad)
+register_gradient_in_forward("warped_kl_div", _setup_context, num_grads=4, num_inputs=8)
 
 
 def _reference_forward(student_logits, teacher, src, params, teacher_is_logits=False, align_corners=False,
