@@ -19,7 +19,8 @@ Fairness of the kornia comparison:
 - kornia's steps are its own primitives (brightness and contrast on RGB, two HSV round trips
   for saturation and hue), so the outputs differ; the work is the same kind: the same
   per-image parameters, one HSV jitter and a channel shuffle per image.
-Timings: median (and 20% / 80% quantiles) of repeated runs, all providers in one run, on the
+Timings: median (and 20% / 80% quantiles) of repeated runs, all providers in one run and
+interleaved round by round (a change of machine load falls on all of them alike), on the
 threads torch uses (``--threads``); rows are appended to
 ``benchmarks/results/photometric_jitter_cpu.csv`` with the machine, torch version and commit.
 """
@@ -27,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import PeakMemory, append_rows, device_name, measure, plot_rows, print_table  # noqa: E402
+from _common import PeakMemory, append_rows, device_name, measure_interleaved, plot_rows, print_table  # noqa: E402
 
 import tpswarp  # noqa: E402
 from tpswarp.reference import photometric_jitter as reference_jitter  # noqa: E402
@@ -94,21 +94,6 @@ def leaves(image, params, requires_grad):
     return [t.detach().clone().requires_grad_(requires_grad) for t in (image, *params)]
 
 
-def bench_backward(fn, image, params, perm, grad, repeats, warmup):
-    """Median of the backward pass alone (the forward runs outside the timed region)."""
-    times = []
-    for i in range(warmup + repeats):
-        xs = leaves(image, params, True)
-        out = fn(*xs, perm)
-        t0 = time.perf_counter()
-        torch.autograd.backward(out, grad)
-        dt = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            times.append(dt)
-    qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return {"ms": statistics.median(times), "ms_q20": qs[0], "ms_q80": qs[-1], "repeats": len(times)}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small shape, few repeats")
@@ -125,8 +110,7 @@ def main():
     B, C, H, W = args.shape or ((2, 3, 64, 64) if args.quick else (8, 3, 448, 448))
     assert C == 3, "photometric_jitter takes RGB images"
     dtype = getattr(torch, args.dtype)
-    # The slow providers get fewer repeats so that one run stays within a few minutes.
-    default_repeats = {"cpp": 20, "reference": 5, "kornia": 3} if not args.quick else {}
+    repeats = args.repeats or (5 if args.quick else 7)
     providers = args.providers.split(",")
     modes = args.modes.split(",")
     if "cpp" in providers and not tpswarp.backends()["extension"]["built"]:
@@ -137,31 +121,29 @@ def main():
     grad = torch.randn(B, 3, H, W, generator=torch.Generator().manual_seed(1)).to(dtype)
     rows = []
     print(f"photometric_jitter {B}x{C}x{H}x{W} {args.dtype} on {device_name('cpu')}, torch {torch.__version__}")
-    for name in providers:
-        fn = provider_fn(name)
-        repeats = args.repeats or default_repeats.get(name, 5)
-        warmup = 2 if name == "cpp" else 1
-        for mode in modes:
-            if mode == "forward":
-                xs = leaves(image, params, False)
-                with torch.no_grad():
-                    stats = measure(lambda: fn(*xs, perm), "cpu", repeats=repeats, warmup=warmup)
-                    with PeakMemory("cpu") as pm:
-                        fn(*xs, perm)
-            elif mode == "backward":
-                stats = bench_backward(fn, image, params, perm, grad, repeats, warmup)
-                with PeakMemory("cpu") as pm:
-                    xs = leaves(image, params, True)
-                    torch.autograd.backward(fn(*xs, perm), grad)
-                    del xs
-            else:
-                def full():
-                    xs = leaves(image, params, True)
-                    out = fn(*xs, perm)
-                    torch.autograd.backward(out, grad)
-                stats = measure(full, "cpu", repeats=repeats, warmup=warmup)
-                with PeakMemory("cpu") as pm:
-                    full()
+    fns = {name: provider_fn(name) for name in providers}
+    inputs = leaves(image, params, False)  # of the forward mode
+
+    def call(name, mode):
+        """One timed call of provider ``name`` in ``mode`` (backward: returns its own time)."""
+        fn = fns[name]
+        if mode == "forward":
+            with torch.no_grad():
+                fn(*inputs, perm)
+            return None
+        out = fn(*leaves(image, params, True), perm)
+        t0 = time.perf_counter()
+        torch.autograd.backward(out, grad)
+        return (time.perf_counter() - t0) * 1e3 if mode == "backward" else None
+
+    for mode in modes:
+        # all providers side by side, round by round (see _common.measure_interleaved)
+        stats_by = measure_interleaved({name: (lambda name=name: call(name, mode)) for name in providers}, "cpu",
+                                       repeats=repeats, warmup=1)
+        for name in providers:
+            stats = stats_by[name]
+            with PeakMemory("cpu") as pm:
+                call(name, mode)
             rows.append({"op": "photometric_jitter", "shape": f"{B}x{C}x{H}x{W}", "dtype": args.dtype,
                          "provider": name, "mode": mode, "threads": torch.get_num_threads(),
                          "load_avg_1m": round(os.getloadavg()[0], 2),

@@ -44,6 +44,7 @@ def test_measure_interleaved_rotates_the_order_and_uses_returned_times():
     ("bench_tps_warp.py", ["--providers", "reference,grid_sample,cpp", "--no-csv"], "speed-up of cpp"),
     ("bench_masked_kl_div.py", ["--no-save"], "speedup_vs_pytorch"),
     ("bench_warped_kl_div.py", ["--no-save"], "speedup_vs_unfused"),
+    ("bench_photometric_jitter.py", ["--providers", "reference,cpp", "--no-csv"], "speed-up of cpp"),
 ])
 def test_op_benchmark_runs(script, args, expect):
     if not tpswarp.backends()["extension"]["built"]:
