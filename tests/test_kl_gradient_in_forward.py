@@ -222,3 +222,18 @@ def test_torch_compile_uses_plain_op(op):
     loss_e.backward()
     assert_close(loss_c, loss_e)
     assert_close(s_c.grad, s_e.grad, grad=True)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_deterministic_across_runs_and_thread_counts(op):
+    student, teacher, others, _ = _inputs(op, logits=True, seed=11, B=3, C=6, H=17, W=45)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads), 1):
+            torch.set_num_threads(n)
+            results.append(_fused(op, student, teacher, others, True, "mean", None, torch.tensor(1.3)))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
