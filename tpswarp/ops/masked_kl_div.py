@@ -44,17 +44,17 @@ def masked_kl_div(
             consistency) are fused: per-output-pixel statistics, then a deterministic gather
             per input pixel.
 
-    Returns:
-        The loss, float32 (float64 if an input is float64); half inputs are computed in
-        float32. Gradients flow to ``student_logits``, and to ``teacher`` when it requires
-        grad. The backward recomputes the softmax instead of keeping it alive.
-
     With the C++ CPU kernels, when only ``student_logits`` requires a gradient (the teacher does
     not) and ``reduction`` is ``"mean"`` or ``"sum"``, the forward also computes the student's
     gradient from the same pass (``_masked_kl_div_with_grad``); the backward then only scales it
     by the upstream gradient. The gradient is held from the forward to the backward (memory the
     backward would allocate anyway), and a forward that is never differentiated pays for it. Not
     under ``torch.compile``.
+
+    Returns:
+        The loss, float32 (float64 if an input is float64); half inputs are computed in
+        float32. Gradients flow to ``student_logits``, and to ``teacher`` when it requires
+        grad. The backward recomputes the softmax instead of keeping it alive.
     """
     check_masked_kl_div(student_logits, teacher, mask, reduction, size)
     weights = mask_to_weights(mask, student_logits.shape[0], output_spatial(student_logits, size))
