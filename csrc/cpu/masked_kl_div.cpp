@@ -174,13 +174,12 @@ at::Tensor sized_forward(const at::Tensor& student_logits, const at::Tensor& tea
   return kl_reduce(kl, weights, reduction, {z.B, z.H, z.W});
 }
 
-std::tuple<at::Tensor, at::Tensor> sized_backward(const at::Tensor& grad_loss, const at::Tensor& student_logits,
-                                                  const at::Tensor& teacher, const std::optional<at::Tensor>& mask,
-                                                  bool teacher_is_logits, c10::string_view reduction_name,
-                                                  at::IntArrayRef size, std::array<bool, 2> output_mask) {
-  const auto z = make_sized(student_logits, teacher, size, teacher_is_logits);
-  const auto reduction = parse_reduction(reduction_name, kOp);
-  auto weights = sized_weights(mask, z, student_logits);
+// The gradients output_mask asks for, with size, for the (B, H * W) weights (undefined: all 1); with
+// kl_out ((B, H * W) of the compute dtype, zeros), pass 1 also stores the forward's weighted KL there.
+std::tuple<at::Tensor, at::Tensor> sized_grads(const Sized& z, const at::Tensor& grad_loss,
+                                               const at::Tensor& student_logits, const at::Tensor& teacher,
+                                               const at::Tensor& weights, Reduction reduction,
+                                               std::array<bool, 2> output_mask, at::Tensor* kl_out = nullptr) {
   const int64_t N = z.H * z.W;
   auto factor = kl_grad_factor(grad_loss, weights, reduction, z.B, N, z.acc_dtype);
   at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : at::empty({0}, student_logits.options());
@@ -201,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> sized_backward(const at::Tensor& grad_loss, c
       const cpu::PixelStats<acc> st{base, base + z.B * N, base + 2 * z.B * N, base + 3 * z.B * N};
       const acc* wp = weights.defined() ? weights.const_data_ptr<acc>() : nullptr;
       SizedKernel<scalar_t, acc> k(z, s, t);
-      k.stats(nullptr, nullptr, &st);
+      k.stats(wp, kl_out ? kl_out->mutable_data_ptr<acc>() : nullptr, &st);
       if (output_mask[0]) k.input_grad(true, st, wp, factor, gs);
       if (output_mask[1]) k.input_grad(false, st, wp, factor, gt);
     });
@@ -212,6 +211,16 @@ std::tuple<at::Tensor, at::Tensor> sized_backward(const at::Tensor& grad_loss, c
   if (output_mask[0] && !gs.is_same(grad_s)) grad_s.copy_(gs);
   if (output_mask[1] && !gt.is_same(grad_t)) grad_t.copy_(gt);
   return {grad_s, grad_t};
+}
+
+std::tuple<at::Tensor, at::Tensor> sized_backward(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                                  const at::Tensor& teacher, const std::optional<at::Tensor>& mask,
+                                                  bool teacher_is_logits, c10::string_view reduction_name,
+                                                  at::IntArrayRef size, std::array<bool, 2> output_mask) {
+  const auto z = make_sized(student_logits, teacher, size, teacher_is_logits);
+  const auto reduction = parse_reduction(reduction_name, kOp);
+  return sized_grads(z, grad_loss, student_logits, teacher, sized_weights(mask, z, student_logits), reduction,
+                     output_mask);
 }
 
 at::Tensor masked_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor& teacher,
@@ -441,30 +450,10 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_with_grad_cpu(const at::Tensor&
   }
   const auto z = make_sized(student_logits, teacher, *size, teacher_is_logits);
   auto weights = sized_weights(mask, z, student_logits);
-  const int64_t N = z.H * z.W;
-  auto kl = at::zeros({z.B, N}, student_logits.options().dtype(z.acc_dtype));
-  auto factor = kl_grad_factor(at::ones({}, kl.options()), weights, reduction, z.B, N, z.acc_dtype);
-  at::Tensor grad_s = at::empty_like(student_logits);
-  at::Tensor gs = grad_s.scalar_type() != z.in_dtype ? at::empty_like(grad_s, grad_s.options().dtype(z.in_dtype))
-                                                     : grad_s;
-  if (z.B * N > 0 && z.C > 0) {
-    auto s = student_logits.to(z.in_dtype);
-    auto t = teacher.to(z.in_dtype);
-    auto stats = at::empty({4, z.B * N}, kl.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.in_dtype, "masked_kl_div_with_grad_cpu_sized", [&] {
-      using acc = acc_t<scalar_t>;
-      acc* base = stats.mutable_data_ptr<acc>();
-      const cpu::PixelStats<acc> st{base, base + z.B * N, base + 2 * z.B * N, base + 3 * z.B * N};
-      const acc* wp = weights.defined() ? weights.const_data_ptr<acc>() : nullptr;
-      SizedKernel<scalar_t, acc> k(z, s, t);
-      k.stats(wp, kl.mutable_data_ptr<acc>(), &st);
-      k.input_grad(true, st, wp, factor, gs);
-    });
-  } else {
-    gs.zero_();
-  }
-  if (!gs.is_same(grad_s)) grad_s.copy_(gs);
-  return {kl_reduce(kl, weights, reduction, {z.B, z.H, z.W}), grad_s};
+  auto kl = at::zeros({z.B, z.H * z.W}, student_logits.options().dtype(z.acc_dtype));
+  auto grads = sized_grads(z, at::ones({}, kl.options()), student_logits, teacher, weights, reduction, {true, false},
+                           &kl);
+  return {kl_reduce(kl, weights, reduction, {z.B, z.H, z.W}), std::get<0>(grads)};
 }
 
 }  // namespace

@@ -880,17 +880,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
     if (output_mask[0]) grad_s.zero_();
     return {grad_s, grad_t, grad_src, grad_params};
   }
-  full_backward(pb, grad_loss, student_logits, teacher, src, params, output_mask, grad_s, grad_t, grad_src, grad_params);
+  full_backward(pb, grad_loss, student_logits, teacher, src, params, output_mask, grad_s, grad_t, grad_src,
+                grad_params);
   return {grad_s, grad_t, grad_src, grad_params};
 }
 
 // tpswarp::_warped_kl_div_with_grad: the loss and its gradient w.r.t. student_logits for an upstream
 // gradient of 1, from one pass over the inputs (the gather and statistics of the forward serve the
 // gradient too). For reduction "mean" / "sum"; the Python autograd formula scales by the upstream gradient.
-std::tuple<at::Tensor, at::Tensor> warped_kl_div_with_grad_cpu(const at::Tensor& student_logits, const at::Tensor& teacher,
-                                                              const at::Tensor& src, const at::Tensor& params,
-                                                              bool teacher_is_logits, bool align_corners,
-                                                              c10::string_view reduction, at::OptionalIntArrayRef size) {
+std::tuple<at::Tensor, at::Tensor> warped_kl_div_with_grad_cpu(const at::Tensor& student_logits,
+                                                              const at::Tensor& teacher, const at::Tensor& src,
+                                                              const at::Tensor& params, bool teacher_is_logits,
+                                                              bool align_corners, c10::string_view reduction,
+                                                              at::OptionalIntArrayRef size) {
   const bool sized = uses_size(student_logits, teacher, size);
   auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
   TORCH_CHECK_VALUE(pb.reduction != Reduction::None, "_warped_kl_div_with_grad: `reduction` must be 'mean' or 'sum', ",
