@@ -8,7 +8,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -94,6 +94,25 @@ def measure_interleaved(fns: Dict[str, Callable[[], Optional[float]]], device: s
         qs = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
         out[name] = {"ms": statistics.median(ts), "ms_q20": qs[0], "ms_q80": qs[-1], "repeats": len(ts)}
     return out
+
+
+def time_mode(fn: Callable, mode: str, forward_args: Sequence, make_leaves: Callable[[], Sequence],
+              grad: torch.Tensor) -> float:
+    """One call of ``fn`` in ``mode``, its time in ms: ``forward`` under no_grad on ``forward_args``;
+    ``backward`` (the backward pass alone) and ``full`` (forward + backward against ``grad``) on fresh
+    leaves from ``make_leaves()``, made outside the timed region."""
+    if mode == "forward":
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fn(*forward_args)
+        return (time.perf_counter() - t0) * 1e3
+    xs = make_leaves()
+    t0 = time.perf_counter()
+    out = fn(*xs)
+    if mode == "backward":
+        t0 = time.perf_counter()
+    torch.autograd.backward(out, grad)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def side_by_side_rows(op: str, shape: str, dtype: str, calls: Dict[str, Dict[str, Callable[[], object]]],

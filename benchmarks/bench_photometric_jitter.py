@@ -31,12 +31,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import PeakMemory, append_rows, device_name, measure_interleaved, plot_rows, print_table  # noqa: E402
+from _common import (PeakMemory, append_rows, device_name, measure_interleaved, plot_rows, print_table,  # noqa: E402
+                     time_mode)
 
 import tpswarp  # noqa: E402
 from tpswarp.reference import photometric_jitter as reference_jitter  # noqa: E402
@@ -127,21 +127,8 @@ def main():
     inputs = leaves(image, params, False)  # of the forward mode
 
     def call(name, mode):
-        """One call of provider ``name`` in ``mode``; returns its time in ms, which excludes making
-        the fresh leaves that require grad (a copy of the image) and, for backward, the forward."""
-        fn = fns[name]
-        if mode == "forward":
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                fn(*inputs, perm)
-            return (time.perf_counter() - t0) * 1e3
-        xs = leaves(image, params, True)
-        t0 = time.perf_counter()
-        out = fn(*xs, perm)
-        if mode == "backward":
-            t0 = time.perf_counter()
-        torch.autograd.backward(out, grad)
-        return (time.perf_counter() - t0) * 1e3
+        """One call of provider ``name`` in ``mode``, its time in ms (_common.time_mode)."""
+        return time_mode(lambda *a: fns[name](*a, perm), mode, inputs, lambda: leaves(image, params, True), grad)
 
     for mode in modes:
         # all providers side by side, round by round (see _common.measure_interleaved)

@@ -33,13 +33,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import PeakMemory, append_rows, device_name, measure_interleaved, plot_rows, print_table  # noqa: E402
+from _common import (PeakMemory, append_rows, device_name, measure_interleaved, plot_rows, print_table,  # noqa: E402
+                     time_mode)
 
 import tpswarp  # noqa: E402
 from tpswarp import reference  # noqa: E402
@@ -150,21 +150,8 @@ def main():
     inputs = {name: leaves(name, False) for name in providers}  # of the forward mode
 
     def call(name, mode):
-        """One call of provider ``name`` in ``mode``; returns its time in ms, which excludes making
-        the fresh leaves that require grad (a copy of the image) and, for backward, the forward."""
-        fn = runs[name]
-        if mode == "forward":
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                fn(*inputs[name])
-            return (time.perf_counter() - t0) * 1e3
-        xs = leaves(name, True)
-        t0 = time.perf_counter()
-        out = fn(*xs)
-        if mode == "backward":
-            t0 = time.perf_counter()
-        torch.autograd.backward(out, grad)
-        return (time.perf_counter() - t0) * 1e3
+        """One call of provider ``name`` in ``mode``, its time in ms (_common.time_mode)."""
+        return time_mode(runs[name], mode, inputs[name], lambda: leaves(name, True), grad)
 
     for mode in modes:
         # all providers side by side, round by round (see _common.measure_interleaved)

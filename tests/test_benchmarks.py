@@ -1,7 +1,8 @@
 """The op benchmarks' timing helper and the scripts themselves (quick shapes, nothing written).
 
 measure_interleaved: every callable runs once per round, the order rotated from round to
-round, and a callable's own returned time is used when it returns one. The scripts: each op
+round, and a callable's own returned time is used when it returns one. time_mode: what each mode
+runs (no_grad forward; fresh leaves for backward and full, the backward against the given grad). The scripts: each op
 benchmark runs end to end with --quick and prints its table and ratios. No timing assertions.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ BENCH = os.path.join(ROOT, "benchmarks")
 if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 
-from _common import measure_interleaved  # noqa: E402
+import torch  # noqa: E402
+from _common import measure_interleaved, time_mode  # noqa: E402
 
 
 def test_measure_interleaved_rotates_the_order_and_uses_returned_times():
@@ -38,6 +40,30 @@ def test_measure_interleaved_rotates_the_order_and_uses_returned_times():
     assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
     assert stats["a"]["ms"] == 3.0 and stats["c"]["ms"] == 7.5 and stats["c"]["repeats"] == 4
     assert 0.0 <= stats["b"]["ms"] < 1000.0  # wall time of a call that returned nothing
+
+
+@pytest.mark.parametrize("mode", ["forward", "backward", "full"])
+def test_time_mode_runs_what_the_mode_says(mode):
+    seen = []
+    x = torch.tensor([1.0, 2.0])
+
+    def fn(t):
+        seen.append(("call", torch.is_grad_enabled(), t.requires_grad))
+        return t * 3
+
+    made = []
+
+    def make_leaves():
+        made.append(x.clone().requires_grad_(True))
+        return made[-1:]
+
+    ms = time_mode(fn, mode, [x], make_leaves, torch.tensor([1.0, 0.5]))
+    assert ms >= 0.0 and len(seen) == 1
+    if mode == "forward":
+        assert seen == [("call", False, False)] and not made
+    else:
+        assert seen == [("call", True, True)] and len(made) == 1
+        assert torch.equal(made[0].grad, torch.tensor([3.0, 1.5]))
 
 
 @pytest.mark.parametrize("script, args, expect", [
