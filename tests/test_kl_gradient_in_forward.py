@@ -237,3 +237,35 @@ def test_deterministic_across_runs_and_thread_counts(op):
         torch.set_num_threads(threads)
     for loss, grad in results[1:]:
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_private_op_checks_its_arguments(op):
+    """Called directly (bypassing the wrappers' checks), the private op raises the plain op's errors
+    naming the argument, and reads nothing out of bounds."""
+    student, teacher, others, _ = _inputs(op, seed=12)
+    fn = getattr(torch.ops.tpswarp, f"_{op}_with_grad")
+
+    def call(s, t, o=others, size=None, reduction="mean"):
+        if op == "masked_kl_div":
+            return fn(s, t, o[0], False, reduction, size)
+        return fn(s, t, *o, False, False, reduction, size)
+
+    with pytest.raises(ValueError, match="`teacher`"):
+        call(student, teacher[:1])
+    with pytest.raises(ValueError, match="`teacher`"):
+        call(student, teacher[:, :3])
+    with pytest.raises(TypeError, match="`student_logits`"):
+        call(student.int(), teacher)
+    with pytest.raises(ValueError, match="`reduction`"):
+        call(student, teacher, reduction="batchmean")
+    with pytest.raises(ValueError, match="`size`"):
+        call(student, teacher, size=[0, 4])
+    if op == "masked_kl_div":
+        with pytest.raises(ValueError, match="`mask`"):
+            call(student, teacher, (others[0][:, :3],))
+    else:
+        with pytest.raises(ValueError, match="`params`"):
+            call(student, teacher, (others[0], others[1][:, :6]))
+        with pytest.raises(ValueError, match="`src`"):
+            call(student, teacher, (others[0][:1], others[1]))
