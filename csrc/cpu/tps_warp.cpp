@@ -44,7 +44,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "tpswarp/cpu_fastmath.h"  // cpu::lane_sum8
+#include "tpswarp/cpu_fastmath.h"  // cpu::lane_sum8, cpu::log_reduced
 #include "tpswarp/cpu_features.h"
 #include "tpswarp/cpu_pair_gather.h"
 #include "tpswarp/sampling.h"
@@ -62,8 +62,8 @@ constexpr int64_t kChunk = 128;  // output columns per inner block
 // Vectorizable building blocks
 // ---------------------------------------------------------------------------------------------
 
-// log(x) for a normal float x > 0, branch-free (Cephes logf), so that loops over it vectorize
-// under the default -ftrapping-math (no arithmetic inside a conditional).
+// log(x) for a normal float x > 0, branch-free (no tiny-input scaling, unlike cpu::fast_log), so that
+// loops over it vectorize under the default -ftrapping-math (no arithmetic inside a conditional).
 C10_ALWAYS_INLINE float log_normal(float x) {
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
@@ -72,21 +72,7 @@ C10_ALWAYS_INLINE float log_normal(float x) {
   std::memcpy(&m, &mant, sizeof(m));
   const int32_t small = m < 0.707106781186547524f;  // then use 2m - 1, exponent - 1
   const float e = static_cast<float>(((bits >> 23) & 0xff) - 126 - small);
-  const float f = m + m * static_cast<float>(small) - 1.0f;
-  const float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
-  y += -2.12194440e-4f * e;
-  y += -0.5f * z;
-  return f + y + 0.693359375f * e;
+  return cpu::log_reduced(m + m * static_cast<float>(small) - 1.0f, e);
 }
 
 // log(r2 + FLT_MIN): finite at r2 = 0 (where it is multiplied by 0), exact elsewhere up to rounding.

@@ -51,17 +51,9 @@ TPSWARP_FORCE_INLINE float fast_exp(float x) {
   return p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
 }
 
-// log(x) for x > 0 (denormals handled); x <= 0 is the caller's business (gives garbage).
-TPSWARP_FORCE_INLINE float fast_log(float x) {
-  const bool tiny = x < 1.17549435e-38f;
-  x = tiny ? x * 8388608.0f : x;  // 2^23
-  const int32_t bits = float_to_bits(x);
-  float e = static_cast<float>((bits >> 23) - 127) - (tiny ? 23.0f : 0.0f);
-  float m = bits_to_float((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1.0f : e;
-  const float f = m - 1.0f;
+// log(2^e (1 + f)) for f in [sqrt(1/2) - 1, sqrt(2) - 1): the Cephes logf polynomial (the range
+// reduction that gives f and e is the caller's).
+TPSWARP_FORCE_INLINE float log_reduced(float f, float e) {
   const float z = f * f;
   float y = 7.0376836292e-2f;
   y = y * f - 1.1514610310e-1f;
@@ -76,6 +68,19 @@ TPSWARP_FORCE_INLINE float fast_log(float x) {
   y += -2.12194440e-4f * e;
   y += -0.5f * z;
   return f + y + 0.693359375f * e;
+}
+
+// log(x) for x > 0 (denormals handled); x <= 0 is the caller's business (gives garbage).
+TPSWARP_FORCE_INLINE float fast_log(float x) {
+  const bool tiny = x < 1.17549435e-38f;
+  x = tiny ? x * 8388608.0f : x;  // 2^23
+  const int32_t bits = float_to_bits(x);
+  float e = static_cast<float>((bits >> 23) - 127) - (tiny ? 23.0f : 0.0f);
+  float m = bits_to_float((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const bool big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1.0f : e;
+  return log_reduced(m - 1.0f, e);
 }
 
 // sum_j x[j] in a fixed order (8 partial sums, then a fixed tree): vectorizes without
