@@ -47,9 +47,9 @@ def masked_kl_div(
     With the C++ CPU kernels, when only ``student_logits`` requires a gradient (the teacher does
     not) and ``reduction`` is ``"mean"`` or ``"sum"``, the forward also computes the student's
     gradient from the same pass (``_masked_kl_div_with_grad``); the backward then only scales it
-    by the upstream gradient. The gradient is held from the forward to the backward (memory the
-    backward would allocate anyway), and a forward that is never differentiated pays for it. Not
-    under ``torch.compile``.
+    by the upstream gradient. The gradient is allocated in the forward instead of the backward
+    (while the teacher is usually still alive: the step's peak can grow by up to its size), and a
+    forward that is never differentiated pays for it. Not under ``torch.compile``.
 
     Returns:
         The loss, float32 (float64 if an input is float64); half inputs are computed in

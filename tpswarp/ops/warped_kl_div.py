@@ -53,8 +53,9 @@ def warped_kl_div(
     consistency: teacher and warp without gradient) and ``reduction`` is ``"mean"`` or ``"sum"``,
     the forward also computes the student's gradient from the same pass over the inputs
     (``_warped_kl_div_with_grad``); the backward then only scales it by the upstream gradient.
-    The gradient is held from the forward to the backward (memory the backward would allocate
-    anyway), and a forward that is never differentiated pays for it. Not under ``torch.compile``.
+    The gradient is allocated in the forward instead of the backward (while the teacher's
+    prediction is usually still alive: the consistency step's peak can grow by up to its size), and a
+    forward that is never differentiated pays for it. Not under ``torch.compile``.
 
     Returns:
         The loss, float32 (float64 for float64 inputs). Differentiable w.r.t.
