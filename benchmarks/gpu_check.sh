@@ -139,6 +139,10 @@ for bench in benchmarks/bench_*.py; do
   if [ "${KL_AB:-0}" = "1" ] && [[ "$name" == *kl_div ]]; then
     step "${name}_generic" env TPSWARP_CUDA_KL_REGS=0 $PYTHON "$bench" "${args[@]}" --no-save
   fi
+  # the opt-in student gradient in warped_kl_div's CUDA forward (compare its "full" rows with the run above)
+  if [ "$name" = "bench_warped_kl_div" ]; then
+    step "${name}_grad_in_forward" env TPSWARP_CUDA_GRAD_IN_FORWARD=1 $PYTHON "$bench" "${args[@]}" --no-save
+  fi
 done
 step gpu_bandwidth $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG --out "$OUT"
 # One iteration of Algorithm 1, CUDA allocator and the CPU tracker (issue #5).

@@ -579,3 +579,48 @@ def test_kl_size_public(backend, op, teacher_is_logits):
         fn = lambda a, b, c, p: tpswarp.warped_kl_div(a, b, c, p, size=size, **kw)  # noqa: E731
         ref = lambda a, b, c, p: reference.warped_kl_div(interp(a, size), interp(b, size), c, p, **kw)  # noqa: E731
         compare(backend, op, fn, ref, (s, t, src, params), (True, True, True, True))
+
+
+# --------------------------------------------------------------------------------------
+# warped_kl_div's student gradient in the forward on CUDA (opt-in: TPSWARP_CUDA_GRAD_IN_FORWARD=1)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [F32, F64, F16], ids=["f32", "f64", "f16"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
+def test_warped_kl_gradient_in_forward(monkeypatch, teacher_is_logits, reduction, dtype):
+    """The opt-in CUDA path: its loss and gradient equal the plain op's bit for bit for an upstream
+    gradient of 1 (the same per-pixel functions), and the reference's for another one."""
+    monkeypatch.setenv("TPSWARP_CUDA_GRAD_IN_FORWARD", "1")
+    B, C, H, W = 3, 19, 37, 70
+    student = randn(B, C, H, W, dtype=dtype, scale=2.0, seed=1)
+    t = randn(B, C, 29, 41, scale=2.0, seed=2)
+    teacher = (t if teacher_is_logits else t.softmax(1)).to(dtype)
+    src, _, params = tps(B, seed=3)
+    with tpswarp.use_backend("cpp"):
+        for upstream in (1.0, 2.5):
+            s1, s2 = (student.clone().requires_grad_(True) for _ in range(2))
+            loss = tpswarp.warped_kl_div(s1, teacher, src, params, teacher_is_logits=teacher_is_logits,
+                                         reduction=reduction)
+            assert "_warped_kl_div_with_grad" in loss.grad_fn.name()
+            plain = torch.ops.tpswarp.warped_kl_div(s2, teacher, src, params, teacher_is_logits, False, reduction,
+                                                    None)
+            g = torch.tensor(upstream, device=DEV, dtype=loss.dtype)
+            (g1,), (g2,) = torch.autograd.grad(loss, s1, g), torch.autograd.grad(plain, s2, g)
+            if upstream == 1.0:
+                assert torch.equal(loss, plain) and torch.equal(g1, g2)
+            else:
+                assert_close(g1, g2, grad=True)
+    s = student.float().requires_grad_(True)
+    ref = reference.warped_kl_div(s, teacher.float(), src, params, teacher_is_logits=teacher_is_logits,
+                                  reduction=reduction)
+    (g_ref,) = torch.autograd.grad(ref, s, torch.tensor(2.5, device=DEV))
+    assert_close(g1.float(), g_ref, grad=True, dtype=dtype)
+
+
+def test_warped_kl_gradient_in_forward_is_opt_in(monkeypatch):
+    monkeypatch.delenv("TPSWARP_CUDA_GRAD_IN_FORWARD", raising=False)
+    student = randn(2, 5, 8, 9, seed=4).requires_grad_(True)
+    src, _, params = tps(2, seed=5)
+    with tpswarp.use_backend("cpp"):
+        loss = tpswarp.warped_kl_div(student, randn(2, 5, 8, 9, seed=6).softmax(1), src, params)
+    assert "_warped_kl_div_with_grad" not in loss.grad_fn.name()

@@ -29,6 +29,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/upsample_bilinear2d.h>
 #include <ATen/ops/upsample_bilinear2d_backward.h>
 #include <ATen/ops/zeros.h>
@@ -137,12 +138,13 @@ __global__ void warped_validity_kernel(Geometry g, const acc* __restrict__ src, 
 
 // kCoords: the src/params gradient is requested (per-thread accumulators, block partials); it
 // always uses the generic path (MAX_C == 0): its accumulators already take the registers.
+// kl_out (nullable, (B, H * W)): each pixel's KL as the forward computes it, 0 where scale is 0.
 template <typename scalar_t, typename acc, int MAX_C, bool kCoords>
 __global__ void warped_kl_backward_kernel(Geometry g, const scalar_t* __restrict__ s, Strides4 ss,
                                           const scalar_t* __restrict__ t, Strides4 ts, const acc* __restrict__ src,
                                           const acc* __restrict__ params, const acc* __restrict__ weights,
                                           const acc* __restrict__ factor, int64_t f_step, scalar_t* gs, Strides4 gss,
-                                          acc* gt, acc* partials) {
+                                          acc* gt, acc* partials, acc* kl_out) {
   const int64_t N = g.H * g.W;
   const int64_t b = blockIdx.y;
   const int64_t n = g.n, row_len = 2 * n + 2 * (n + 3);
@@ -161,6 +163,7 @@ __global__ void warped_kl_backward_kernel(Geometry g, const scalar_t* __restrict
     if (scale == acc(0)) {
       if (gsp)
         for (int64_t c = 0; c < g.C; ++c) gsp[c * gss.c] = scalar_t(0);
+      if (kl_out) kl_out[b * N + k] = 0;
       continue;
     }
     const auto w = warp_pixel<acc>(g, src_b, params_b, i, j);
@@ -185,11 +188,13 @@ __global__ void warped_kl_backward_kernel(Geometry g, const scalar_t* __restrict
     const bool want_t = gt_b != nullptr || kCoords;
     if constexpr (MAX_C == 0) {
       const auto st = kl_pixel_loaded<acc>(load_s, load_t, g.C, g.logits);
+      if (kl_out) kl_out[b * N + k] = st.kl;
       kl_pixel_grad_loaded<acc>(load_s, load_t, g.C, g.logits, st, scale, gsp != nullptr, store_s, want_t, store_t);
     } else {
       acc sv[MAX_C], tv[MAX_C];
       kl_load_regs<MAX_C, acc>(load_s, load_t, int(g.C), sv, tv);
       const auto st = kl_pixel_regs<MAX_C, acc>(sv, tv, int(g.C), g.logits);
+      if (kl_out) kl_out[b * N + k] = st.kl;
       kl_pixel_grad_regs<MAX_C, acc>(sv, tv, int(g.C), g.logits, st, scale, gsp != nullptr, store_s, want_t, store_t);
     }
     if constexpr (kCoords)
@@ -301,10 +306,12 @@ at::Tensor warped_kl_div_impl(const at::Tensor& student_logits, const at::Tensor
   return kl_reduce(kl, weights, p.reduction, {p.g.B, p.g.H, p.g.W});
 }
 
+// With kl_out ((B, H * W) of the compute dtype, zeros) and weights_out, the pass also stores each pixel's
+// KL as the forward computes it, and the validity weights (the loss: kl_reduce of the two).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backward_impl(
     const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
     const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
-    std::array<bool, 4> output_mask) {
+    std::array<bool, 4> output_mask, at::Tensor* kl_out = nullptr, at::Tensor* weights_out = nullptr) {
   auto p = prepare(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
   const bool need_coords = output_mask[2] || output_mask[3];
   TORCH_CHECK_VALUE(!need_coords || p.g.n <= kMaxPoints, kOp, ": the CUDA backward to `src`/`params` supports at most ",
@@ -323,6 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
   }
   auto weights = at::zeros({p.g.B, N}, student_logits.options().dtype(p.acc_dtype));
   launch_validity(p, weights);  // the validity weights: the mean's denominator, on the device
+  if (weights_out) *weights_out = weights;
   auto factor = kl_grad_factor(grad_loss, weights, p.reduction, p.g.B, N, p.acc_dtype);
   at::Tensor gs = output_mask[0] && grad_s.scalar_type() != p.in_dtype
                       ? at::empty_like(grad_s, grad_s.options().dtype(p.in_dtype))
@@ -344,7 +352,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
             output_mask[0] ? gs.mutable_data_ptr<scalar_t>() : nullptr,
             output_mask[0] ? strides_of(gs) : Strides4{0, 0, 0, 0},
             output_mask[1] ? gt_acc.mutable_data_ptr<acc>() : nullptr,
-            need_coords ? partials.mutable_data_ptr<acc>() : nullptr);
+            need_coords ? partials.mutable_data_ptr<acc>() : nullptr,
+            kl_out ? kl_out->mutable_data_ptr<acc>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       dispatch_max_classes(kRegs<scalar_t, acc> && !need_coords ? p.g.C : INT64_MAX, [&](auto max_c) {
@@ -630,11 +639,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
                                      reduction, output_mask);
 }
 
+// tpswarp::_warped_kl_div_with_grad (full resolution only): the loss and d loss / d student_logits for
+// an upstream gradient of 1 from the backward kernel's one pass (it also stores each pixel's KL).
+std::tuple<at::Tensor, at::Tensor> warped_kl_div_with_grad_cuda(const at::Tensor& student_logits,
+                                                               const at::Tensor& teacher, const at::Tensor& src,
+                                                               const at::Tensor& params, bool teacher_is_logits,
+                                                               bool align_corners, c10::string_view reduction,
+                                                               at::OptionalIntArrayRef size) {
+  c10::cuda::CUDAGuard guard(student_logits.device());
+  TORCH_CHECK_VALUE(!size.has_value(), "_warped_kl_div_with_grad: `size` is not supported on CUDA; use "
+                    "warped_kl_div (its backward is fused)");
+  const auto red = parse_reduction(reduction, kOp);
+  TORCH_CHECK_VALUE(red != Reduction::None, "_warped_kl_div_with_grad: `reduction` must be 'mean' or 'sum', ",
+                    "got 'none'");
+  const auto dtype = (student_logits.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble ||
+                      params.scalar_type() == at::kDouble)
+                         ? at::kDouble
+                         : at::kFloat;
+  TORCH_CHECK_VALUE(student_logits.dim() == 4, kOp, ": `student_logits` must be 4-D (B, C, H, W), got ",
+                    show(student_logits.sizes()));
+  const int64_t B = student_logits.size(0), H = student_logits.size(2), W = student_logits.size(3);
+  auto kl = at::zeros({B, H * W}, student_logits.options().dtype(dtype));
+  at::Tensor weights;
+  auto grads = warped_kl_div_backward_impl(at::ones({}, kl.options()), student_logits, teacher, src, params,
+                                           teacher_is_logits, align_corners, reduction, {true, false, false, false},
+                                           &kl, &weights);
+  if (!weights.defined()) weights = at::zeros_like(kl);  // empty input: nothing was computed
+  return {kl_reduce(kl, weights, red, {B, H, W}), std::get<0>(grads)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tpswarp, CUDA, m) {
   m.impl("warped_kl_div", &warped_kl_div_cuda);
   m.impl("_warped_kl_div_backward", &warped_kl_div_backward_cuda);
+  m.impl("_warped_kl_div_with_grad", &warped_kl_div_with_grad_cuda);
 }
 
 }  // namespace tpswarp

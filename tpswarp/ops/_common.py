@@ -3,6 +3,7 @@ student's gradient computed in the forward of the KL ops."""
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -103,20 +104,23 @@ def gradient_or_none(g: torch.Tensor, needed: bool):
 # ------------------------------------------------------------------------------------------------
 # The KL ops' student gradient from the forward pass (C++ CPU kernels: `_<op>_with_grad`)
 # ------------------------------------------------------------------------------------------------
-def gradient_in_forward(op: str, student_logits: torch.Tensor, others: Sequence, reduction: str) -> bool:
-    """True where ``_<op>_with_grad`` serves the call: the C++ CPU kernel, a gradient wanted for the
-    student alone (``others``: the other inputs, None allowed), a reduced loss, and no tracing
-    (torch.compile, functorch), which would keep the graph's state in a compiled backward."""
-    return (
-        torch.is_grad_enabled()
-        and student_logits.requires_grad
-        and not any(x is not None and x.requires_grad for x in others)
-        and reduction != "none"
-        and student_logits.device.type == "cpu"
-        and selected(op, "cpu") == "cpp"
-        and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()
-    )
+def gradient_in_forward(op: str, student_logits: torch.Tensor, others: Sequence, reduction: str,
+                        size=None) -> bool:
+    """True where ``_<op>_with_grad`` serves the call: a gradient wanted for the student alone
+    (``others``: the other inputs, None allowed), a reduced loss, no tracing (torch.compile,
+    functorch: it would keep the graph's state in a compiled backward), and the C++ kernels: on the
+    CPU; on CUDA (``warped_kl_div`` without ``size``) only with ``TPSWARP_CUDA_GRAD_IN_FORWARD=1``,
+    until a GPU run has tested and measured it."""
+    if not (torch.is_grad_enabled() and student_logits.requires_grad and reduction != "none"
+            and not any(x is not None and x.requires_grad for x in others)
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()):
+        return False
+    device = student_logits.device.type
+    if device == "cpu":
+        return selected(op, "cpu") == "cpp"
+    return (device == "cuda" and size is None and os.environ.get("TPSWARP_CUDA_GRAD_IN_FORWARD") == "1"
+            and selected(op, "cuda") == "cpp"
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"tpswarp::_{op}_with_grad", "CUDA"))
 
 
 def register_gradient_in_forward(op: str, setup_context: Callable, num_grads: int, num_inputs: int) -> None:
@@ -145,6 +149,8 @@ def register_gradient_in_forward(op: str, setup_context: Callable, num_grads: in
             grad_student, ctx.student_grad = ctx.student_grad, None
             if type(grad_loss) is not torch.Tensor:  # traced (opcheck, AOT): no data-dependent branch, no mutation
                 grad_student = grad_student * grad_loss
+            elif grad_loss.device.type != "cpu":  # no host synchronization
+                grad_student.mul_(grad_loss)
             elif grad_loss.item() != 1:
                 grad_student.mul_(grad_loss)
             needs[0] = False

@@ -55,7 +55,8 @@ def warped_kl_div(
     (``_warped_kl_div_with_grad``); the backward then only scales it by the upstream gradient.
     The gradient is allocated in the forward instead of the backward (while the teacher's
     prediction is usually still alive: the consistency step's peak can grow by up to its size), and a
-    forward that is never differentiated pays for it. Not under ``torch.compile``.
+    forward that is never differentiated pays for it. Not under ``torch.compile``. On CUDA (without
+    ``size``) only with ``TPSWARP_CUDA_GRAD_IN_FORWARD=1`` until tested on a GPU.
 
     Returns:
         The loss, float32 (float64 for float64 inputs). Differentiable w.r.t.
@@ -64,7 +65,7 @@ def warped_kl_div(
     check_warped_kl_div(student_logits, teacher, src, params, reduction, size)
     args = (student_logits, teacher, src, params, bool(teacher_is_logits), bool(align_corners), reduction,
             None if size is None else [int(s) for s in size])
-    if gradient_in_forward("warped_kl_div", student_logits, (teacher, src, params), reduction):
+    if gradient_in_forward("warped_kl_div", student_logits, (teacher, src, params), reduction, size):
         return torch.ops.tpswarp._warped_kl_div_with_grad(*args)[0]
     return torch.ops.tpswarp.warped_kl_div(*args)
 
