@@ -306,8 +306,8 @@ at::Tensor warped_kl_div_impl(const at::Tensor& student_logits, const at::Tensor
   return kl_reduce(kl, weights, p.reduction, {p.g.B, p.g.H, p.g.W});
 }
 
-// With kl_out ((B, H * W) of the compute dtype, zeros) and weights_out, the pass also stores each pixel's
-// KL as the forward computes it, and the validity weights (the loss: kl_reduce of the two).
+// With kl_out and weights_out, the pass also gives each pixel's KL as the forward computes it and the
+// validity weights ((B, H * W) of the compute dtype; the loss is kl_reduce of the two).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backward_impl(
     const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher, const at::Tensor& src,
     const at::Tensor& params, bool teacher_is_logits, bool align_corners, c10::string_view reduction,
@@ -323,6 +323,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
   at::Tensor grad_src = output_mask[2] ? at::zeros_like(src) : placeholder(src);
   at::Tensor grad_params = output_mask[3] ? at::zeros_like(params) : placeholder(params);
   const int64_t N = p.g.H * p.g.W;
+  if (kl_out) *kl_out = at::zeros({p.g.B, N}, student_logits.options().dtype(p.acc_dtype));
+  if (weights_out) *weights_out = at::zeros({p.g.B, N}, student_logits.options().dtype(p.acc_dtype));
   if (p.g.B * N == 0 || p.g.C == 0 || p.g.Ht == 0 || p.g.Wt == 0 ||
       !(output_mask[0] || output_mask[1] || need_coords)) {
     if (output_mask[0]) grad_s.zero_();
@@ -652,20 +654,12 @@ std::tuple<at::Tensor, at::Tensor> warped_kl_div_with_grad_cuda(const at::Tensor
   const auto red = parse_reduction(reduction, kOp);
   TORCH_CHECK_VALUE(red != Reduction::None, "_warped_kl_div_with_grad: `reduction` must be 'mean' or 'sum', ",
                     "got 'none'");
-  const auto dtype = (student_logits.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble ||
-                      params.scalar_type() == at::kDouble)
-                         ? at::kDouble
-                         : at::kFloat;
-  TORCH_CHECK_VALUE(student_logits.dim() == 4, kOp, ": `student_logits` must be 4-D (B, C, H, W), got ",
-                    show(student_logits.sizes()));
-  const int64_t B = student_logits.size(0), H = student_logits.size(2), W = student_logits.size(3);
-  auto kl = at::zeros({B, H * W}, student_logits.options().dtype(dtype));
-  at::Tensor weights;
-  auto grads = warped_kl_div_backward_impl(at::ones({}, kl.options()), student_logits, teacher, src, params,
-                                           teacher_is_logits, align_corners, reduction, {true, false, false, false},
-                                           &kl, &weights);
-  if (!weights.defined()) weights = at::zeros_like(kl);  // empty input: nothing was computed
-  return {kl_reduce(kl, weights, red, {B, H, W}), std::get<0>(grads)};
+  at::Tensor kl, weights;
+  auto grads = warped_kl_div_backward_impl(at::ones({}, student_logits.options().dtype(at::kFloat)), student_logits,
+                                           teacher, src, params, teacher_is_logits, align_corners, reduction,
+                                           {true, false, false, false}, &kl, &weights);
+  return {kl_reduce(kl, weights, red, {student_logits.size(0), student_logits.size(2), student_logits.size(3)}),
+          std::get<0>(grads)};
 }
 
 }  // namespace
