@@ -159,21 +159,28 @@ C10_ALWAYS_INLINE void tps_row_backward_impl(const Geometry<acc>& g, int64_t b, 
       const float cx = s[2 * i], dy = qy - s[2 * i + 1], wx = p[2 * i], wy = p[2 * i + 1];
       const float dy2 = dy * dy;
       const float* __restrict lgs = logs + i * kChunk;
-      for (int64_t j = 0; j < len; ++j) {
+      // The four sums in 8 lanes each, in cpu::lane_sum8's order, without storing the terms.
+      float s0[8] = {}, s1[8] = {}, s2[8] = {}, s3[8] = {};
+      const auto add = [&](int64_t j, int l) {
         const float dx = qx[j] - cx;
         const float r2 = dx * dx + dy2;
         const float phi = 0.5f * r2 * lgs[j];
         // <g, W_i> * dphi/dr2 * 2 = <g, W_i> (log r2 + 1); multiplied by (q - c_i), 0 at r2 = 0
         const float k = (gfx[j] * wx + gfy[j] * wy) * (lgs[j] + 1.0f);
-        t0[j] = gfx[j] * phi;
-        t1[j] = gfy[j] * phi;
-        t2[j] = k * dx;
-        t3[j] = k * dy;
+        s0[l] += gfx[j] * phi;
+        s1[l] += gfy[j] * phi;
+        s2[l] += k * dx;
+        s3[l] += k * dy;
+      };
+      int64_t j = 0;
+      for (; j + 8 <= len; j += 8) {
+        for (int l = 0; l < 8; ++l) add(j + l, l);
       }
-      grad_params[2 * i] += cpu::lane_sum8(t0, len);
-      grad_params[2 * i + 1] += cpu::lane_sum8(t1, len);
-      grad_src[2 * i] -= cpu::lane_sum8(t2, len);
-      grad_src[2 * i + 1] -= cpu::lane_sum8(t3, len);
+      for (int l = 0; j < len; ++j, ++l) add(j, l);
+      grad_params[2 * i] += cpu::lane_fold8(s0);
+      grad_params[2 * i + 1] += cpu::lane_fold8(s1);
+      grad_src[2 * i] -= cpu::lane_fold8(s2);
+      grad_src[2 * i + 1] -= cpu::lane_fold8(s3);
     }
   } else {
     for (int64_t j = 0; j < len; ++j) {

@@ -83,6 +83,11 @@ TPSWARP_FORCE_INLINE float fast_log(float x) {
   return log_reduced(m - 1.0f, e);
 }
 
+// The sum of 8 partial sums, in a fixed tree.
+TPSWARP_FORCE_INLINE float lane_fold8(const float* s) {
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
 // sum_j x[j] in a fixed order (8 partial sums, then a fixed tree): vectorizes without
 // reassociation, and the result does not depend on the ISA's vector width.
 TPSWARP_FORCE_INLINE float lane_sum8(const float* __restrict x, int64_t len) {
@@ -92,7 +97,7 @@ TPSWARP_FORCE_INLINE float lane_sum8(const float* __restrict x, int64_t len) {
     for (int l = 0; l < 8; ++l) s[l] += x[j + l];
   }
   for (int l = 0; j < len; ++j, ++l) s[l] += x[j];
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  return lane_fold8(s);
 }
 
 }  // namespace cpu
