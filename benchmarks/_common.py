@@ -209,10 +209,11 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def plot_rows(name: str, rows: List[dict], title: str, device: str) -> Optional[str]:
+def plot_rows(name: str, rows: List[dict], title: str, device: str, value: str = "ms") -> Optional[str]:
     """Bar chart of one run's median times (log scale): one panel per shape, the modes along x, a
-    bar per provider with its time written on it. Saved as ``benchmarks/results/<name>.png``
-    (overwritten: the CSV keeps the history); None when matplotlib is not installed."""
+    bar per provider with its time written on it. ``value`` is the rows' time key and unit ("ms",
+    or "us"). Saved as ``benchmarks/results/<name>.png`` (overwritten: the CSV keeps the history);
+    None when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -227,7 +228,7 @@ def plot_rows(name: str, rows: List[dict], title: str, device: str) -> Optional[
     fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.2), squeeze=False)
     width = 0.8 / max(1, len(providers))
     for ax, shape in zip(axes[0], shapes):
-        by = {(r["provider"], r["mode"]): r["ms"] for r in rows if r.get("shape", "") == shape}
+        by = {(r["provider"], r["mode"]): r[value] for r in rows if r.get("shape", "") == shape}
         for k, prov in enumerate(providers):
             xs = [m + (k - (len(providers) - 1) / 2) * width for m in range(len(modes))]
             ys = [by.get((prov, mode), float("nan")) for mode in modes]
@@ -239,7 +240,7 @@ def plot_rows(name: str, rows: List[dict], title: str, device: str) -> Optional[
         ax.set_yscale("log")
         ax.set_xticks(range(len(modes)))
         ax.set_xticklabels(modes)
-        ax.set_ylabel("median ms (log scale)")
+        ax.set_ylabel(f"median {value} (log scale)")
         ax.set_title(shape, fontsize=9)
         ax.legend(fontsize=8)
     fig.suptitle(f"{title}\n{device_name(device)}, torch {torch.__version__}, commit {git_commit()}", fontsize=9)

@@ -23,7 +23,8 @@ Timing: each timed sample runs the call in a loop long enough (>= ~20 ms) to be 
 reports the time per call in microseconds (median and 20% / 80% quantiles of the samples), all
 providers in one run, on the threads torch uses (``--threads``). Peak memory of the tensors
 allocated by one call. Rows are appended to ``benchmarks/results/tps_solve_<device>.csv`` with the
-machine, torch version and commit.
+machine, torch version and commit, and the run is plotted to ``benchmarks/results/tps_solve_<device>.png``
+(a panel per B x n, a bar per provider and check).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import PeakMemory, append_rows, device_name, print_table, sync  # noqa: E402
+from _common import PeakMemory, append_rows, device_name, plot_rows, print_table, sync  # noqa: E402
 
 import tpswarp  # noqa: E402
 
@@ -129,6 +130,12 @@ def run(shapes, device: str, samples: int):
     return rows
 
 
+def plot_view(rows):
+    """The rows as plot_rows draws them: a panel per B x n, a bar per provider and check."""
+    return [{"shape": f"{r['B']} x {r['n']}", "provider": r["provider"] + (" (checked)" if r["check"] else ""),
+             "mode": r["mode"], "us": r["us"]} for r in rows]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -155,7 +162,11 @@ def main(argv=None):
             print(f"issue #4 target (4096 x 4 forward < 50 us), check_singular={r['check']}: {r['us']:.1f} us "
                   f"({'met' if r['us'] < 50 else 'missed'})")
     if not args.no_save:
-        print("rows appended to", append_rows(f"tps_solve_{args.device.split(':')[0]}", rows, args.device))
+        name = f"tps_solve_{args.device.split(':')[0]}"
+        print("rows appended to", append_rows(name, rows, args.device))
+        plot = plot_rows(name, plot_view(rows), "tps_solve (time per call)", args.device, value="us")
+        if plot:
+            print("plot:", plot)
 
 
 if __name__ == "__main__":

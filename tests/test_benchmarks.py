@@ -93,3 +93,18 @@ def test_plot_rows_writes_a_png(tmp_path, monkeypatch):
     assert path == str(tmp_path / "op_cpu.png")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tps_solve_benchmark_rows_plot(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import _common
+    import bench_tps_solve
+
+    monkeypatch.setattr(_common, "RESULTS", str(tmp_path))
+    rows = bench_tps_solve.run([(16, 4)], "cpu", samples=1)
+    view = bench_tps_solve.plot_view(rows)
+    assert {r["provider"] for r in view} >= {"reference", "reference (checked)"}
+    assert all(r["shape"] == "16 x 4" and r["us"] > 0 for r in view)
+    path = _common.plot_rows("tps_solve_cpu", view, "tps_solve", "cpu", value="us")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
