@@ -143,7 +143,7 @@ C10_ALWAYS_INLINE void tps_row_backward_impl(const Geometry<acc>& g, int64_t b, 
   acc* grad_params = grad + 2 * n;
   if constexpr (std::is_same_v<acc, float>) {
     // Per-column terms in a vectorized loop, then sums in a fixed order (cpu::lane_sum8).
-    alignas(64) float t0[kChunk], t1[kChunk], t2[kChunk], t3[kChunk];
+    alignas(64) float t0[kChunk], t1[kChunk];
     for (int64_t j = 0; j < len; ++j) {
       t0[j] = gfx[j] * qx[j];
       t1[j] = gfy[j] * qx[j];
