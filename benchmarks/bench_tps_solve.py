@@ -20,8 +20,10 @@ that reads a flag per item on the host: one synchronization), with False singula
 Modes: ``forward`` (no autograd), ``backward`` (the backward pass alone, given the forward graph;
 gradients w.r.t. ``src`` and ``dst``) and ``full`` (forward + backward).
 Timing: each timed sample runs the call in a loop long enough (>= ~20 ms) to be measured, and
-reports the time per call in microseconds (median and 20% / 80% quantiles of the samples), all
-providers in one run, on the threads torch uses (``--threads``). Peak memory of the tensors
+reports the time per call in microseconds (median and 20% / 80% quantiles of the samples), on the
+threads torch uses (``--threads``). Per shape and mode all providers (and both ``check`` values) are
+timed interleaved, round by round in a rotating order (since 2026-11-26; before, one after the other,
+which made e.g. ``cpp`` with the check look faster than without it). Peak memory of the tensors
 allocated by one call. Rows are appended to ``benchmarks/results/tps_solve_<device>.csv`` with the
 machine, torch version and commit, and the run is plotted to ``benchmarks/results/tps_solve_<device>.png``
 (a panel per B x n, a bar per provider and check).
@@ -30,14 +32,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import PeakMemory, append_rows, device_name, plot_rows, print_table, sync  # noqa: E402
+from _common import (PeakMemory, append_rows, device_name, measure_interleaved, plot_rows, print_table,  # noqa: E402
+                     sync)
 
 import tpswarp  # noqa: E402
 
@@ -67,66 +69,78 @@ def providers(device: str):
     return out
 
 
-def time_per_call(fn, device: str, *, samples: int, min_sample_s: float = 0.02):
-    """Per-call microseconds: median and 20% / 80% quantiles over `samples` timed loops."""
-    for _ in range(3):
-        fn()
-    sync(device)
-    calls, elapsed = 1, 0.0
-    while True:  # calibrate the loop length
-        t0 = time.perf_counter()
-        for _ in range(calls):
+def calibrate(fn, device: str, backend, min_sample_s: float = 0.02) -> int:
+    """Warm ``fn`` up and return how many calls make a timed loop of at least ``min_sample_s``."""
+    with tpswarp.use_backend(backend):
+        for _ in range(3):
             fn()
         sync(device)
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_sample_s or calls >= 1 << 16:
-            break
-        calls = max(calls * 2, int(calls * min_sample_s / max(elapsed, 1e-9)))
-    times = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return {"us": statistics.median(times), "us_q20": qs[0], "us_q80": qs[-1], "calls_per_sample": calls,
-            "samples": samples}
+        calls = 1
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync(device)
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_sample_s or calls >= 1 << 16:
+                return calls
+            calls = max(calls * 2, int(calls * min_sample_s / max(elapsed, 1e-9)))
+
+
+def timed_loop(fn, device: str, backend, calls: int):
+    """A callable for measure_interleaved: ``calls`` calls of ``fn`` on ``backend``, returning the
+    milliseconds per call."""
+    def loop():
+        with tpswarp.use_backend(backend):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync(device)
+            return (time.perf_counter() - t0) / calls * 1e3
+    return loop
 
 
 def run(shapes, device: str, samples: int):
+    """Rows of every (shape, provider, check, mode); per shape and mode the variants are timed
+    interleaved (``_common.measure_interleaved``), each sample a calibrated loop of calls."""
     rows = []
     for B, n in shapes:
         src, dst = make_points(B, n, device)
+        variants = {}  # (provider, check) -> (backend, {mode: fn})
         for name, (backend, fn) in providers(device).items():
-            checks = (False,) if name == "kornia" else (True, False)
-            for check in checks:
+            for check in ((False,) if name == "kornia" else (True, False)):
                 with tpswarp.use_backend(backend):
                     s = src.clone().requires_grad_()
                     d = dst.clone().requires_grad_()
-
-                    def forward():
-                        with torch.no_grad():
-                            return fn(s, d, check)
-
                     params = fn(s, d, check)
-                    grad = torch.randn_like(params)
+                grad = torch.randn_like(params)
 
-                    def backward():
-                        torch.autograd.grad(params, (s, d), grad, retain_graph=True)
+                def forward(fn=fn, s=s, d=d, check=check):
+                    with torch.no_grad():
+                        return fn(s, d, check)
 
-                    def full():
-                        p = fn(s, d, check)
-                        torch.autograd.grad(p, (s, d), grad)
+                def backward(params=params, s=s, d=d, grad=grad):
+                    torch.autograd.grad(params, (s, d), grad, retain_graph=True)
 
-                    for mode, f in (("forward", forward), ("backward", backward), ("full", full)):
-                        t = time_per_call(f, device, samples=samples)
-                        with PeakMemory(device) as pm:
-                            f()
-                        rows.append({"op": "tps_solve", "B": B, "n": n, "dtype": "float32", "provider": name,
-                                     "check": check, "mode": mode, **t, "peak_KiB": pm.peak / 2**10,
-                                     "threads": torch.get_num_threads() if device == "cpu" else ""})
-                    del params
+                def full(fn=fn, s=s, d=d, check=check, grad=grad):
+                    torch.autograd.grad(fn(s, d, check), (s, d), grad)
+
+                variants[(name, check)] = (backend, {"forward": forward, "backward": backward, "full": full})
+        for mode in ("forward", "backward", "full"):
+            loops, calls = {}, {}
+            for key, (backend, fns) in variants.items():
+                calls[key] = calibrate(fns[mode], device, backend)
+                loops[key] = timed_loop(fns[mode], device, backend, calls[key])
+            stats = measure_interleaved(loops, device, repeats=samples, warmup=0)
+            for (name, check), (backend, fns) in variants.items():
+                st = stats[(name, check)]
+                with tpswarp.use_backend(backend), PeakMemory(device) as pm:
+                    fns[mode]()
+                rows.append({"op": "tps_solve", "B": B, "n": n, "dtype": "float32", "provider": name,
+                             "check": check, "mode": mode, "us": st["ms"] * 1e3, "us_q20": st["ms_q20"] * 1e3,
+                             "us_q80": st["ms_q80"] * 1e3, "calls_per_sample": calls[(name, check)],
+                             "samples": samples, "peak_KiB": pm.peak / 2**10,
+                             "threads": torch.get_num_threads() if device == "cpu" else ""})
     return rows
 
 
