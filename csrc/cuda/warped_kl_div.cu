@@ -323,16 +323,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
   at::Tensor grad_src = output_mask[2] ? at::zeros_like(src) : placeholder(src);
   at::Tensor grad_params = output_mask[3] ? at::zeros_like(params) : placeholder(params);
   const int64_t N = p.g.H * p.g.W;
-  if (kl_out) *kl_out = at::zeros({p.g.B, N}, student_logits.options().dtype(p.acc_dtype));
-  if (weights_out) *weights_out = at::zeros({p.g.B, N}, student_logits.options().dtype(p.acc_dtype));
   if (p.g.B * N == 0 || p.g.C == 0 || p.g.Ht == 0 || p.g.Wt == 0 ||
       !(output_mask[0] || output_mask[1] || need_coords)) {
     if (output_mask[0]) grad_s.zero_();
+    if (kl_out) *kl_out = at::zeros({p.g.B, N}, student_logits.options().dtype(p.acc_dtype));
+    if (weights_out) *weights_out = at::zeros({p.g.B, N}, student_logits.options().dtype(p.acc_dtype));
     return {grad_s, grad_t, grad_src, grad_params};
   }
   auto weights = at::zeros({p.g.B, N}, student_logits.options().dtype(p.acc_dtype));
   launch_validity(p, weights);  // the validity weights: the mean's denominator, on the device
   if (weights_out) *weights_out = weights;
+  if (kl_out) *kl_out = at::empty({p.g.B, N}, weights.options());  // the kernel writes every pixel
   auto factor = kl_grad_factor(grad_loss, weights, p.reduction, p.g.B, N, p.acc_dtype);
   at::Tensor gs = output_mask[0] && grad_s.scalar_type() != p.in_dtype
                       ? at::empty_like(grad_s, grad_s.options().dtype(p.in_dtype))
