@@ -108,3 +108,23 @@ def test_tps_solve_benchmark_rows_plot(tmp_path, monkeypatch):
     path = _common.plot_rows("tps_solve_cpu", view, "tps_solve", "cpu", value="us")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kernel_resources_reads_compiled_kernels(tmp_path):
+    """benchmarks/kernel_resources.py: the Triton kernels compiled for sm_90 without a GPU, and the
+    CUDA kernels of the extension when it was built with CUDA, each listed with its registers."""
+    pytest.importorskip("triton")
+    out = tmp_path / "resources.md"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, os.path.join(BENCH, "kernel_resources.py"), "--quick", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| ") and "`" in line]
+    triton_kernels = {r[2].strip(" `") for r in rows if len(r) == 11}
+    assert {"_masked_kl_fwd_kernel", "_warped_kl_bwd_kernel", "_jitter_fwd_kernel", "_tps_warp_bwd_kernel"} <= \
+        triton_kernels
+    assert all(int(r[4]) > 0 for r in rows if len(r) == 11)  # registers
+    if tpswarp.backends()["extension"]["cuda"]:
+        cuda = {r[1].strip(" `").split("<")[0]: int(r[2]) for r in rows if len(r) == 7}
+        assert {"warped_kl_forward_kernel", "kl_backward_kernel", "tps_solve_kernel"} <= set(cuda)
+        assert all(v > 0 for v in cuda.values())

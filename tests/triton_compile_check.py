@@ -29,44 +29,20 @@ def main(argv=None) -> int:
         return 2
     import torch
 
+    compiled, failures = [], []
+
+    def on_compiled(name, kernel):
+        (compiled if kernel.asm["cubin"] else failures).append(name)  # compiled all the way down
+
+    def on_failed(name, exc):
+        failures.append(name)
+        traceback.print_exception(exc)
+
     try:
-        from triton.backends.compiler import GPUTarget
-        from triton.runtime import driver
-        from triton.runtime.jit import JITFunction
+        from tpswarp.triton._compile_only import compile_only
 
-        class FakeDriver:
-            def get_current_device(self):
-                return 0
-
-            def get_current_stream(self, device=None):
-                return 0
-
-            def get_current_target(self):
-                return GPUTarget("cuda", args.arch, 32)
-
-            def get_active_torch_device(self):
-                return torch.device("cpu")
-
-            def is_active(self):
-                return True
-
-        driver.set_active(FakeDriver())
-        compiled, failures = [], []
-
-        def compile_only(self, grid):
-            def launch(*a, **k):
-                try:
-                    kernel = self.run(*a, grid=grid, warmup=True, **k)
-                    assert kernel.asm["cubin"]  # compiled all the way down
-                except Exception:
-                    failures.append(self.fn.__name__)
-                    traceback.print_exc()
-                    raise
-                compiled.append(self.fn.__name__)
-                return kernel
-            return launch
-
-        JITFunction.__getitem__ = compile_only
+        context = compile_only(args.arch, on_compiled, on_failed)
+        context.__enter__()  # for the rest of this process
     except Exception:
         traceback.print_exc()
         return 2
