@@ -159,15 +159,34 @@ def test_masked_kl_div_spatial_ranks(shape):
     kl_compare(s, t, None, True, "mean")
 
 
-@pytest.mark.parametrize("teacher_is_logits", [False, True])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_masked_kl_div_chunked_classes(monkeypatch, teacher_is_logits, reduction):
-    """C > the class tile: max, sums and gradients each sweep the classes in chunks."""
-    from tpswarp.triton import masked_kl_div as kernels
+def ordered_logits(shape, order, seed):
+    """float64 logits whose per-pixel maximum over the classes moves where ``order`` says: at every
+    class ("ascending"), never after class 0 ("descending"), at every other class ("zigzag"); the
+    classes span 40 (plus noise), so the online sums are rescaled by large factors."""
+    C = shape[1]
+    base = torch.linspace(-20.0, 20.0, C, dtype=F64)
+    if order == "descending":
+        base = base.flip(0)
+    elif order == "zigzag":
+        base = torch.where(torch.arange(C) % 2 == 0, base, -base)
+    view = [1, C] + [1] * (len(shape) - 2)
+    return base.view(view) + randn(*shape, dtype=F64, scale=0.5, seed=seed)
 
-    monkeypatch.setattr(kernels, "MAX_BLOCK_C", 2)
-    s, t = kl_inputs((2, 7, 3, 5), F64, teacher_is_logits)
-    kl_compare(s, t, make_mask("float", 2, (3, 5), F64), teacher_is_logits, reduction)
+
+ORDERS = [("ascending", "descending"), ("descending", "ascending"), ("zigzag", "ascending"), ("zigzag", "zigzag")]
+
+
+@pytest.mark.parametrize("teacher_is_logits", [False, True])
+@pytest.mark.parametrize("orders", ORDERS)
+def test_masked_kl_div_online_statistics(teacher_is_logits, orders):
+    """One sweep over the classes with running maxima (37 classes): the student's and the teacher's
+    maxima grow at different classes, and loss and gradients still match the reference."""
+    s = ordered_logits((2, 37, 3, 5), orders[0], seed=0)
+    t = ordered_logits((2, 37, 3, 5), orders[1], seed=1)
+    if not teacher_is_logits:
+        t = torch.softmax(t / 8.0, dim=1)
+    kl_compare(s, t, make_mask("float", 2, (3, 5), F64), teacher_is_logits, "mean")
+    kl_compare(s.to(F32), t.to(F32), None, teacher_is_logits, "none")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -374,11 +393,13 @@ def test_warped_kl_div_layouts_and_teacher_size(kind):
 
 
 @pytest.mark.parametrize("teacher_is_logits", [False, True])
-def test_warped_kl_div_chunked_classes(monkeypatch, teacher_is_logits):
-    from tpswarp.triton import warped_kl_div as kernels
-
-    monkeypatch.setattr(kernels, "MAX_BLOCK_C", 2)
-    s, t = kl_inputs((2, 5, 4, 5), F64, teacher_is_logits)
+@pytest.mark.parametrize("orders", ORDERS)
+def test_warped_kl_div_online_statistics(teacher_is_logits, orders):
+    """The warped teacher's online statistics: maxima that grow at different classes (37 classes)."""
+    s = ordered_logits((2, 37, 4, 5), orders[0], seed=0)
+    t = ordered_logits((2, 37, 5, 6), orders[1], seed=1)
+    if not teacher_is_logits:
+        t = torch.softmax(t / 8.0, dim=1)
     src, params = tps(2, F64, scale=0.3)
     warped_compare(s, t, src, params, teacher_is_logits, "mean")
 

@@ -1,20 +1,23 @@
 """Triton kernels of ``tpswarp::masked_kl_div`` and ``tpswarp::_masked_kl_div_backward``.
 
-The per-pixel math is ``csrc/include/tpswarp/kl.h``: a max sweep over the classes, then
-shifted sums (``sum exp(s - s_max)``, the cross term, ``sum p log p``, ``sum p``); the
+The per-pixel math is ``csrc/include/tpswarp/kl.h``: sums shifted by the class maxima
+(``sum exp(s - s_max)``, the cross term, ``sum p log p``, ``sum p``); the
 gradients are ``d/ds = q sum(p) - p`` and, for the teacher, ``log p + 1 - log q``
 (probabilities, 0 log 0 = 0) or ``p ((log p - log q) - KL)`` (logits).
 
-One program handles ``BLOCK_P`` pixels of one batch item and a ``(BLOCK_C, BLOCK_P)`` tile of
-classes x pixels. When ``C <= BLOCK_C`` (e.g. 19 classes) the tile is loaded once; otherwise
-the classes are swept in chunks (max, sums, and gradients each one sweep), so any ``C`` works.
+size=None: one program handles ``PIXEL_BLOCK`` pixels of one batch item, each thread a few
+neighbouring pixels, and sweeps the classes one at a time (one vector load per class and input):
+the statistics are accumulated online in one sweep (running maxima; each sum rescaled when a
+maximum grows, one exp per class), the backward adds one gradient sweep. Everything per pixel
+stays in the thread that owns the pixel: no cross-thread reduction over classes, any ``C``.
 Inputs are read through their strides (channels_last / non-contiguous without copies);
 half inputs are accumulated in float32, float64 in float64. Mean and sum reductions write one
 partial per program and are summed by torch in a fixed order (deterministic); the mean's
 denominator stays on the device.
 
 With ``size=(H, W)`` (``masked_kl_div_size_forward`` / ``_backward``): the low-resolution student
-and teacher are read through the bilinear resize taps (``_resize.py``); both gradients are native:
+and teacher are read through the bilinear resize taps (``_resize.py``) as (classes x pixels) tiles,
+a max sweep then the shifted sums (classes in chunks above ``MAX_BLOCK_C``); both gradients are native:
 per-output-pixel statistics, then a deterministic gather per low-resolution input pixel.
 """
 from __future__ import annotations
@@ -30,19 +33,16 @@ from ._resize import reader_span, readers_begin, resize_scales, resize_tap, resi
 from ._utils import (INTERPRET, acc_dtype, as_4d, cast_to, device_guard, merged_pixels, next_pow2, pixel_offsets,
                      strides4, tl_dtype)
 
-# Largest class tile; above it the classes are swept in chunks. Tests lower it to exercise the chunked path.
+# size=None: pixels per program (each thread owns PIXEL_BLOCK / (32 PIXEL_WARPS) neighbouring pixels,
+# loaded as one vector per class) and warps per program.
+PIXEL_BLOCK = 512 if not INTERPRET else 4096
+PIXEL_WARPS = 4
+# size=(H, W): largest class tile; above it the classes are swept in chunks. Tests lower it to
+# exercise the chunked path.
 MAX_BLOCK_C = 64
 # Elements of one (classes x pixels) tile.
 TILE_ELEMS = 2048 if not INTERPRET else 16384
 NUM_WARPS = 4
-
-
-@triton.jit
-def _tile(ptr, c0, offs_c, C, sc, pix_off, pmask, ACC: tl.constexpr):
-    cc = c0 + offs_c
-    m = (cc < C)[:, None] & pmask[None, :]
-    x = tl.load(ptr + cc[:, None] * sc + pix_off[None, :], mask=m, other=0.0).to(ACC)
-    return x, m
 
 
 @triton.jit
@@ -82,6 +82,83 @@ def _finish(zs, zt, cross, p_log_p, p_sum, pmask, TEACHER_LOGITS: tl.constexpr):
 
 
 @triton.jit
+def _online_first(s, t, TEACHER_LOGITS: tl.constexpr):
+    """Online statistics after class 0 (``s``, ``t``: that class at each pixel):
+    (s_max, zs, t_max, zt, cross, p_log_p, p_sum), sums relative to the running maxima."""
+    one = tl.full(s.shape, 1.0, s.dtype)
+    zero = tl.zeros_like(s)
+    if TEACHER_LOGITS:
+        return s, one, t, one, zero, zero, zero
+    else:
+        positive = t > 0
+        return s, one, zero, zero, zero, tl.where(positive, t * tl.log(tl.where(positive, t, 1.0)), 0.0), t
+
+
+@triton.jit
+def _online_update(s_max, zs, t_max, zt, cross, p_log_p, p_sum, s, t, TEACHER_LOGITS: tl.constexpr):
+    """Adds one class to the online statistics: one exp per distribution and class (the larger of the
+    running max and the new value is the new reference); ``cross`` is kept relative to the running
+    maxima (``sum exp(t'_c) (t'_c - s'_c)`` for logits, ``sum p_c s'_c`` for probabilities), so the
+    finished values are those of the two-sweep form (``_tile_sums``)."""
+    s_new = tl.maximum(s_max, s)
+    ds = s_new - s_max
+    es = tl.exp(-tl.abs(s - s_max))
+    zs = tl.where(s > s_max, zs * es + 1.0, zs + es)
+    if TEACHER_LOGITS:
+        t_new = tl.maximum(t_max, t)
+        up = t > t_max
+        et = tl.exp(-tl.abs(t - t_max))
+        cross = cross + ds * zt  # earlier terms: s'_c re-referenced to the new student max
+        cross = tl.where(up, et * (cross - (t_new - t_max) * zt), cross)  # ... and t'_c to the new teacher max
+        zt = tl.where(up, zt * et, zt)
+        w = tl.where(up, 1.0, et)
+        cross += w * ((t - t_new) - (s - s_new))
+        zt += w
+        t_max = t_new
+    else:
+        cross += t * (s - s_new) - ds * p_sum
+        p_sum += t
+        positive = t > 0
+        p_log_p += tl.where(positive, t * tl.log(tl.where(positive, t, 1.0)), 0.0)
+    return s_new, zs, t_max, zt, cross, p_log_p, p_sum
+
+
+@triton.jit
+def _online_stats(s_ptrs, ss_c, t_ptrs, ts_c, C, pmask, TEACHER_LOGITS: tl.constexpr, ACC: tl.constexpr):
+    """(s_max, log_zs, t_max, log_zt, kl, p_sum) of the pixels at ``s_ptrs`` / ``t_ptrs`` (class 0;
+    class c at ``+ c * stride``) in one sweep over the classes."""
+    s = tl.load(s_ptrs, mask=pmask, other=0.0).to(ACC)
+    t = tl.load(t_ptrs, mask=pmask, other=0.0).to(ACC)
+    s_max, zs, t_max, zt, cross, p_log_p, p_sum = _online_first(s, t, TEACHER_LOGITS)
+    for c in range(1, C):
+        s = tl.load(s_ptrs + c * ss_c, mask=pmask, other=0.0).to(ACC)
+        t = tl.load(t_ptrs + c * ts_c, mask=pmask, other=0.0).to(ACC)
+        s_max, zs, t_max, zt, cross, p_log_p, p_sum = _online_update(s_max, zs, t_max, zt, cross, p_log_p, p_sum,
+                                                                     s, t, TEACHER_LOGITS)
+    log_zs, log_zt, kl, p_sum = _finish(zs, zt, cross, p_log_p, p_sum, pmask, TEACHER_LOGITS)
+    return s_max, log_zs, t_max, log_zt, kl, p_sum
+
+
+@triton.jit
+def _pixel_grads(s, t, live, s_max, log_zs, t_max, log_zt, kl, p_sum, scale, TEACHER_LOGITS: tl.constexpr):
+    """scale * dKL/ds and scale * dKL/dt (kl.h's kl_pixel_grad), 0 where not ``live``; the statistics
+    broadcast against ``s`` and ``t``."""
+    log_q = tl.where(live, s - s_max - log_zs, 0.0)
+    q = tl.exp(log_q)
+    if TEACHER_LOGITS:
+        log_p = tl.where(live, t - t_max - log_zt, 0.0)
+        p = tl.exp(log_p)
+        gt = p * ((log_p - log_q) - kl)
+    else:
+        p = t
+        positive = t > 0
+        log_p = tl.log(tl.where(positive, t, 1.0))
+        gt = tl.where(positive, log_p + 1.0, 0.0) - log_q
+    gs = q * p_sum - p
+    return tl.where(live, scale * gs, 0.0), tl.where(live, scale * gt, 0.0)
+
+
+@triton.jit
 def _tile_stats(s, t, m, pmask, TEACHER_LOGITS: tl.constexpr):
     """Per-pixel (s_max, log_zs, t_max, log_zt, kl, p_sum) of a tile holding all the classes."""
     s_max = tl.max(tl.where(m, s, float("-inf")), axis=0)
@@ -97,66 +174,11 @@ def _tile_stats(s, t, m, pmask, TEACHER_LOGITS: tl.constexpr):
 
 
 @triton.jit
-def _chunked_stats(s_base, ss_c, t_base, ts_c, s_pix, t_pix, pmask, C, offs_c, BLOCK_C: tl.constexpr,
-                   BLOCK_P: tl.constexpr, TEACHER_LOGITS: tl.constexpr, ACC: tl.constexpr):
-    """The same statistics for any C: one sweep over class chunks for the maxima, one for the sums."""
-    s_max = tl.full((BLOCK_P,), float("-inf"), ACC)
-    t_max = tl.full((BLOCK_P,), float("-inf"), ACC)
-    for c0 in range(0, C, BLOCK_C):
-        s, m = _tile(s_base, c0, offs_c, C, ss_c, s_pix, pmask, ACC)
-        s_max = tl.maximum(s_max, tl.max(tl.where(m, s, float("-inf")), axis=0))
-        if TEACHER_LOGITS:
-            t, _ = _tile(t_base, c0, offs_c, C, ts_c, t_pix, pmask, ACC)
-            t_max = tl.maximum(t_max, tl.max(tl.where(m, t, float("-inf")), axis=0))
-    s_max = tl.where(pmask, s_max, 0.0)
-    t_max = tl.where(pmask, t_max, 0.0)
-    zs = tl.zeros((BLOCK_P,), ACC)
-    zt = tl.zeros((BLOCK_P,), ACC)
-    cross = tl.zeros((BLOCK_P,), ACC)
-    p_log_p = tl.zeros((BLOCK_P,), ACC)
-    p_sum = tl.zeros((BLOCK_P,), ACC)
-    for c0 in range(0, C, BLOCK_C):
-        s, m = _tile(s_base, c0, offs_c, C, ss_c, s_pix, pmask, ACC)
-        t, _ = _tile(t_base, c0, offs_c, C, ts_c, t_pix, pmask, ACC)
-        a, b, c, d, e = _tile_sums(s, t, m, s_max, t_max, TEACHER_LOGITS)
-        zs += a
-        zt += b
-        cross += c
-        p_log_p += d
-        p_sum += e
-    log_zs, log_zt, kl, p_sum = _finish(zs, zt, cross, p_log_p, p_sum, pmask, TEACHER_LOGITS)
-    return s_max, log_zs, t_max, log_zt, kl, p_sum
-
-
-@triton.jit
 def _tile_grads(s, t, m, s_max, log_zs, t_max, log_zt, kl, p_sum, scale, TEACHER_LOGITS: tl.constexpr):
-    """scale * dKL/ds and scale * dKL/dt of one tile (kl.h's kl_pixel_grad); 0 on lanes outside ``m``."""
-    log_q = tl.where(m, s - s_max[None, :] - log_zs[None, :], 0.0)
-    q = tl.exp(log_q)
-    if TEACHER_LOGITS:
-        log_p = tl.where(m, t - t_max[None, :] - log_zt[None, :], 0.0)
-        p = tl.exp(log_p)
-        gt = p * ((log_p - log_q) - kl[None, :])
-    else:
-        p = t
-        positive = t > 0
-        log_p = tl.log(tl.where(positive, t, 1.0))
-        gt = tl.where(positive, log_p + 1.0, 0.0) - log_q
-    gs = q * p_sum[None, :] - p
+    """``_pixel_grads`` of a (classes x pixels) tile; 0 on lanes outside ``m``."""
     live = m & (scale != 0)[None, :]
-    gs = tl.where(live, scale[None, :] * gs, 0.0)
-    gt = tl.where(live, scale[None, :] * gt, 0.0)
-    return gs, gt
-
-
-@triton.jit
-def _store_tile(gs_base, gt_base, c0, offs_c, gs_c, gt_c, gs_pix, gt_pix, m, gs, gt,
-                WANT_S: tl.constexpr, WANT_T: tl.constexpr):
-    cc = (c0 + offs_c)[:, None]
-    if WANT_S:
-        tl.store(gs_base + cc * gs_c + gs_pix[None, :], cast_to(gs, gs_base.dtype.element_ty), mask=m)
-    if WANT_T:
-        tl.store(gt_base + cc * gt_c + gt_pix[None, :], cast_to(gt, gt_base.dtype.element_ty), mask=m)
+    return _pixel_grads(s, t, live, s_max[None, :], log_zs[None, :], t_max[None, :], log_zt[None, :], kl[None, :],
+                        p_sum[None, :], scale[None, :], TEACHER_LOGITS)
 
 
 @triton.jit
@@ -165,25 +187,15 @@ def _masked_kl_fwd_kernel(
     C, N, S2,
     ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w,
     TEACHER_LOGITS: tl.constexpr, HAS_W: tl.constexpr, REDUCE_NONE: tl.constexpr,
-    SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
-    MERGED: tl.constexpr,
+    BLOCK_P: tl.constexpr, ACC: tl.constexpr, MERGED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = offs < N
-    offs_c = tl.arange(0, BLOCK_C)
-    s_base = s_ptr + b * ss_b
-    t_base = t_ptr + b * ts_b
-    s_pix = pixel_offsets(offs, S2, ss_h, ss_w, MERGED)
-    t_pix = pixel_offsets(offs, S2, ts_h, ts_w, MERGED)
-    if SINGLE:
-        s, m = _tile(s_base, 0, offs_c, C, ss_c, s_pix, pmask, ACC)
-        t, _ = _tile(t_base, 0, offs_c, C, ts_c, t_pix, pmask, ACC)
-        s_max, log_zs, t_max, log_zt, kl, p_sum = _tile_stats(s, t, m, pmask, TEACHER_LOGITS)
-    else:
-        s_max, log_zs, t_max, log_zt, kl, p_sum = _chunked_stats(
-            s_base, ss_c, t_base, ts_c, s_pix, t_pix, pmask, C, offs_c, BLOCK_C, BLOCK_P, TEACHER_LOGITS, ACC)
+    s_ptrs = s_ptr + b * ss_b + pixel_offsets(offs, S2, ss_h, ss_w, MERGED)
+    t_ptrs = t_ptr + b * ts_b + pixel_offsets(offs, S2, ts_h, ts_w, MERGED)
+    _, _, _, _, kl, _ = _online_stats(s_ptrs, ss_c, t_ptrs, ts_c, C, pmask, TEACHER_LOGITS, ACC)
     if HAS_W:
         wt = tl.load(w_ptr + b * N + offs, mask=pmask, other=0.0)
         kl = tl.where(wt != 0, kl * wt, 0.0)
@@ -201,19 +213,14 @@ def _masked_kl_bwd_kernel(
     ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w,
     gs_b, gs_c, gs_h, gs_w, gt_b, gt_c, gt_h, gt_w,
     TEACHER_LOGITS: tl.constexpr, HAS_W: tl.constexpr, FACTOR_PER_PIXEL: tl.constexpr,
-    WANT_S: tl.constexpr, WANT_T: tl.constexpr,
-    SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
-    MERGED: tl.constexpr,
+    WANT_S: tl.constexpr, WANT_T: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr, MERGED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = offs < N
-    offs_c = tl.arange(0, BLOCK_C)
-    s_base = s_ptr + b * ss_b
-    t_base = t_ptr + b * ts_b
-    s_pix = pixel_offsets(offs, S2, ss_h, ss_w, MERGED)
-    t_pix = pixel_offsets(offs, S2, ts_h, ts_w, MERGED)
+    s_ptrs = s_ptr + b * ss_b + pixel_offsets(offs, S2, ss_h, ss_w, MERGED)
+    t_ptrs = t_ptr + b * ts_b + pixel_offsets(offs, S2, ts_h, ts_w, MERGED)
     if FACTOR_PER_PIXEL:
         scale = tl.load(f_ptr + b * N + offs, mask=pmask, other=0.0).to(ACC)
     else:
@@ -221,24 +228,19 @@ def _masked_kl_bwd_kernel(
     if HAS_W:
         scale = scale * tl.load(w_ptr + b * N + offs, mask=pmask, other=0.0)
     scale = tl.where(pmask, scale, 0.0)
-    gs_base = gs_ptr + b * gs_b
-    gt_base = gt_ptr + b * gt_b
-    gs_pix = pixel_offsets(offs, S2, gs_h, gs_w, MERGED)
-    gt_pix = pixel_offsets(offs, S2, gt_h, gt_w, MERGED)
-    if SINGLE:  # one load of the tile serves the statistics and the gradients
-        s, m = _tile(s_base, 0, offs_c, C, ss_c, s_pix, pmask, ACC)
-        t, _ = _tile(t_base, 0, offs_c, C, ts_c, t_pix, pmask, ACC)
-        s_max, log_zs, t_max, log_zt, kl, p_sum = _tile_stats(s, t, m, pmask, TEACHER_LOGITS)
-        gs, gt = _tile_grads(s, t, m, s_max, log_zs, t_max, log_zt, kl, p_sum, scale, TEACHER_LOGITS)
-        _store_tile(gs_base, gt_base, 0, offs_c, gs_c, gt_c, gs_pix, gt_pix, m, gs, gt, WANT_S, WANT_T)
-    else:
-        s_max, log_zs, t_max, log_zt, kl, p_sum = _chunked_stats(
-            s_base, ss_c, t_base, ts_c, s_pix, t_pix, pmask, C, offs_c, BLOCK_C, BLOCK_P, TEACHER_LOGITS, ACC)
-        for c0 in range(0, C, BLOCK_C):
-            s, m = _tile(s_base, c0, offs_c, C, ss_c, s_pix, pmask, ACC)
-            t, _ = _tile(t_base, c0, offs_c, C, ts_c, t_pix, pmask, ACC)
-            gs, gt = _tile_grads(s, t, m, s_max, log_zs, t_max, log_zt, kl, p_sum, scale, TEACHER_LOGITS)
-            _store_tile(gs_base, gt_base, c0, offs_c, gs_c, gt_c, gs_pix, gt_pix, m, gs, gt, WANT_S, WANT_T)
+    live = pmask & (scale != 0)
+    gs_ptrs = gs_ptr + b * gs_b + pixel_offsets(offs, S2, gs_h, gs_w, MERGED)
+    gt_ptrs = gt_ptr + b * gt_b + pixel_offsets(offs, S2, gt_h, gt_w, MERGED)
+    s_max, log_zs, t_max, log_zt, kl, p_sum = _online_stats(s_ptrs, ss_c, t_ptrs, ts_c, C, pmask,
+                                                            TEACHER_LOGITS, ACC)
+    for c in range(0, C):
+        s = tl.load(s_ptrs + c * ss_c, mask=pmask, other=0.0).to(ACC)
+        t = tl.load(t_ptrs + c * ts_c, mask=pmask, other=0.0).to(ACC)
+        gs, gt = _pixel_grads(s, t, live, s_max, log_zs, t_max, log_zt, kl, p_sum, scale, TEACHER_LOGITS)
+        if WANT_S:
+            tl.store(gs_ptrs + c * gs_c, cast_to(gs, gs_ptr.dtype.element_ty), mask=pmask)
+        if WANT_T:
+            tl.store(gt_ptrs + c * gt_c, cast_to(gt, gt_ptr.dtype.element_ty), mask=pmask)
 
 
 def _blocks(C: int):
@@ -289,8 +291,7 @@ def masked_kl_div_forward(student_logits, teacher, mask=None, teacher_is_logits=
         kl = torch.zeros((B, *spatial), dtype=ct, device=dev)
         return kl if reduction == "none" else _reduce(kl, weights, reduction, B * N, ct)
     s4, t4 = as_4d(student_logits), as_4d(teacher)
-    block_c, block_p, single = _blocks(C)
-    nprog = triton.cdiv(N, block_p)
+    nprog = triton.cdiv(N, PIXEL_BLOCK)
     reduce_none = reduction == "none"
     out = torch.empty((B, N) if reduce_none else (B, nprog), dtype=ct, device=dev)
     with device_guard(student_logits):
@@ -298,8 +299,7 @@ def masked_kl_div_forward(student_logits, teacher, mask=None, teacher_is_logits=
             s4, t4, weights if weights is not None else out, out,
             C, N, s4.shape[3], *strides4(s4), *strides4(t4),
             TEACHER_LOGITS=bool(teacher_is_logits), HAS_W=weights is not None, REDUCE_NONE=reduce_none,
-            SINGLE=single, BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_dtype(ct),
-            MERGED=merged_pixels(s4, t4), num_warps=NUM_WARPS,
+            BLOCK_P=PIXEL_BLOCK, ACC=tl_dtype(ct), MERGED=merged_pixels(s4, t4), num_warps=PIXEL_WARPS,
         )
     if reduce_none:
         return out.reshape(B, *spatial)
@@ -341,16 +341,14 @@ def masked_kl_div_backward(grad_loss, student_logits, teacher, mask, teacher_is_
     s4, t4 = as_4d(student_logits), as_4d(teacher)
     gs4 = as_4d(grad_s) if want_s else s4
     gt4 = as_4d(grad_t) if want_t else t4
-    block_c, block_p, single = _blocks(C)
     with device_guard(student_logits):
-        _masked_kl_bwd_kernel[(triton.cdiv(N, block_p), B)](
+        _masked_kl_bwd_kernel[(triton.cdiv(N, PIXEL_BLOCK), B)](
             s4, t4, weights if weights is not None else factor, factor,
             gs4 if want_s else factor, gt4 if want_t else factor,
             C, N, s4.shape[3], *strides4(s4), *strides4(t4), *strides4(gs4), *strides4(gt4),
             TEACHER_LOGITS=bool(teacher_is_logits), HAS_W=weights is not None,
             FACTOR_PER_PIXEL=reduction == "none", WANT_S=want_s, WANT_T=want_t,
-            SINGLE=single, BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_dtype(ct),
-            MERGED=merged_pixels(s4, t4, gs4, gt4), num_warps=NUM_WARPS,
+            BLOCK_P=PIXEL_BLOCK, ACC=tl_dtype(ct), MERGED=merged_pixels(s4, t4, gs4, gt4), num_warps=PIXEL_WARPS,
         )
     return grad_s, grad_t
 

@@ -2,12 +2,15 @@
 
 Per student pixel: evaluate the TPS map, sample the teacher bilinearly (zero padding) at the
 four taps for every class, and take the masked KL of ``masked_kl_div`` (the same device
-functions: max sweep, shifted sums, ``kl.h`` gradients) over the pixels whose sample lies in
-the teacher's pixel-centre hull. Nothing of size ``B x C x H x W`` is allocated besides the
-gradients: the warped teacher lives only in registers, in the compute dtype (float32 for half
-inputs, as the reference warps ``teacher.to(compute dtype)``).
+functions: online statistics in one sweep over the classes, ``kl.h`` gradients) over the pixels
+whose sample lies in the teacher's pixel-centre hull. As in ``masked_kl_div``, each thread owns its
+pixels and sweeps the classes one at a time (no cross-thread reduction over classes). Nothing of
+size ``B x C x H x W`` is allocated besides the gradients: the warped teacher lives only in
+registers, in the compute dtype (float32 for half inputs, as the reference warps
+``teacher.to(compute dtype)``).
 
-Backward: the student gradient is written directly; the gradient w.r.t. the warped teacher is
+Backward: one statistics sweep, then one gradient sweep over the classes. The student gradient
+is written directly; the gradient w.r.t. the warped teacher is
 scattered to the four taps of the teacher (float atomics; under
 ``torch.use_deterministic_algorithms(True)`` per-tap contributions summed by a deterministic
 ``index_add_`` instead, which does allocate ``4 x B*H*W x C``); the coordinate gradient goes
@@ -32,12 +35,18 @@ from ._utils import (INTERPRET, acc_dtype, cast_to, deterministic, device_guard,
                      in_hull, merged_pixels, next_pow2, pixel_offsets, scatter_rows_deterministic, tl_dtype,
                      tps_backward_partials, tps_param_grads)
 from ._resize import reader_span, readers_begin, resize_scales, resize_tap, resize_weight, resized_tile
-from .masked_kl_div import _finish, _tile, _tile_grads, _tile_stats, _tile_sums
+from .masked_kl_div import (_finish, _online_first, _online_update, _pixel_grads, _tile_grads, _tile_stats,
+                            _tile_sums)
 from .tps_warp import _coords
 
+# size=None: pixels per program (forward, backward; each thread owns one or two pixels) and warps.
+PIXEL_BLOCK_FWD = 256 if not INTERPRET else 4096
+PIXEL_BLOCK_BWD = 128 if not INTERPRET else 4096
+PIXEL_WARPS = 4
+# size=(H, W): (classes x pixels) tiles, the classes in chunks above MAX_BLOCK_C.
 MAX_BLOCK_C = 64
 TILE_ELEMS = 2048 if not INTERPRET else 16384
-NUM_WARPS = 8  # six (classes x pixels) tiles live in the backward
+NUM_WARPS = 8  # six (classes x pixels) tiles live in the sized backward
 
 
 @triton.jit
@@ -64,62 +73,34 @@ def _taps(px, py, Wt, Ht, valid):
 
 
 @triton.jit
-def _teacher_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, t_off, valid, wx0, wx1, wy0, wy1,
-                  m00, m10, m01, m11, ACC: tl.constexpr):
-    """Warped teacher (classes x pixels) in the compute dtype, and the four tap tiles."""
-    cc = c0 + offs_c
-    cm = (cc < C)[:, None]
-    p = t_base + cc[:, None] * ts_c + t_off[None, :]
-    v00 = tl.load(p, mask=cm & m00[None, :], other=0.0).to(ACC)
-    v10 = tl.load(p + ts_w, mask=cm & m10[None, :], other=0.0).to(ACC)
-    v01 = tl.load(p + ts_h, mask=cm & m01[None, :], other=0.0).to(ACC)
-    v11 = tl.load(p + ts_h + ts_w, mask=cm & m11[None, :], other=0.0).to(ACC)
-    w00 = tl.where(m00, wx0 * wy0, 0.0)[None, :]
-    w10 = tl.where(m10, wx1 * wy0, 0.0)[None, :]
-    w01 = tl.where(m01, wx0 * wy1, 0.0)[None, :]
-    w11 = tl.where(m11, wx1 * wy1, 0.0)[None, :]
-    t = w00 * v00 + w10 * v10 + w01 * v01 + w11 * v11
-    return t, cm & valid[None, :], v00, v10, v01, v11
+def _tap_weights(wx0, wx1, wy0, wy1, m00, m10, m01, m11):
+    """The four bilinear weights, 0 for taps outside the teacher (zero padding)."""
+    return (tl.where(m00, wx0 * wy0, 0.0), tl.where(m10, wx1 * wy0, 0.0), tl.where(m01, wx0 * wy1, 0.0),
+            tl.where(m11, wx1 * wy1, 0.0))
 
 
 @triton.jit
-def _student_tile(s_base, c0, offs_c, C, ss_c, s_pix, pm, valid, ACC: tl.constexpr):
-    """Student logits (classes x pixels), loaded for every pixel in range (contiguous pixels then
-    vectorize); the returned mask keeps the valid ones."""
-    s, m = _tile(s_base, c0, offs_c, C, ss_c, s_pix, pm, ACC)
-    return s, m & valid[None, :]
+def _warped_teacher(t_ptrs, ts_h, ts_w, m00, m10, m01, m11, w00, w10, w01, w11, ACC: tl.constexpr):
+    """One class of the warped teacher at each pixel (``t_ptrs``: its top-left taps), and the four taps."""
+    v00 = tl.load(t_ptrs, mask=m00, other=0.0).to(ACC)
+    v10 = tl.load(t_ptrs + ts_w, mask=m10, other=0.0).to(ACC)
+    v01 = tl.load(t_ptrs + ts_h, mask=m01, other=0.0).to(ACC)
+    v11 = tl.load(t_ptrs + ts_h + ts_w, mask=m11, other=0.0).to(ACC)
+    return w00 * v00 + w10 * v10 + w01 * v01 + w11 * v11, v00, v10, v01, v11
 
 
 @triton.jit
-def _warped_chunked_stats(s_base, ss_c, s_pix, pm, t_base, ts_c, ts_h, ts_w, t_off, valid, C, offs_c,
-                          wx0, wx1, wy0, wy1, m00, m10, m01, m11, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                          TEACHER_LOGITS: tl.constexpr, ACC: tl.constexpr):
-    s_max = tl.full((BLOCK_P,), float("-inf"), ACC)
-    t_max = tl.full((BLOCK_P,), float("-inf"), ACC)
-    for c0 in range(0, C, BLOCK_C):
-        s, m = _student_tile(s_base, c0, offs_c, C, ss_c, s_pix, pm, valid, ACC)
-        s_max = tl.maximum(s_max, tl.max(tl.where(m, s, float("-inf")), axis=0))
-        if TEACHER_LOGITS:
-            t, _, _, _, _, _ = _teacher_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, t_off, valid,
-                                             wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC)
-            t_max = tl.maximum(t_max, tl.max(tl.where(m, t, float("-inf")), axis=0))
-    s_max = tl.where(valid, s_max, 0.0)
-    t_max = tl.where(valid, t_max, 0.0)
-    zs = tl.zeros((BLOCK_P,), ACC)
-    zt = tl.zeros((BLOCK_P,), ACC)
-    cross = tl.zeros((BLOCK_P,), ACC)
-    p_log_p = tl.zeros((BLOCK_P,), ACC)
-    p_sum = tl.zeros((BLOCK_P,), ACC)
-    for c0 in range(0, C, BLOCK_C):
-        s, m = _student_tile(s_base, c0, offs_c, C, ss_c, s_pix, pm, valid, ACC)
-        t, _, _, _, _, _ = _teacher_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, t_off, valid,
-                                         wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC)
-        a, b, c, d, e = _tile_sums(s, t, m, s_max, t_max, TEACHER_LOGITS)
-        zs += a
-        zt += b
-        cross += c
-        p_log_p += d
-        p_sum += e
+def _warped_online_stats(s_ptrs, ss_c, t_ptrs, ts_c, ts_h, ts_w, C, pm, valid, m00, m10, m01, m11,
+                         w00, w10, w01, w11, TEACHER_LOGITS: tl.constexpr, ACC: tl.constexpr):
+    """``_online_stats`` with the teacher warped: one sweep over the classes, 1 + 4 loads per class."""
+    s = tl.load(s_ptrs, mask=pm, other=0.0).to(ACC)
+    t, _, _, _, _ = _warped_teacher(t_ptrs, ts_h, ts_w, m00, m10, m01, m11, w00, w10, w01, w11, ACC)
+    s_max, zs, t_max, zt, cross, p_log_p, p_sum = _online_first(s, t, TEACHER_LOGITS)
+    for c in range(1, C):
+        s = tl.load(s_ptrs + c * ss_c, mask=pm, other=0.0).to(ACC)
+        t, _, _, _, _ = _warped_teacher(t_ptrs + c * ts_c, ts_h, ts_w, m00, m10, m01, m11, w00, w10, w01, w11, ACC)
+        s_max, zs, t_max, zt, cross, p_log_p, p_sum = _online_update(s_max, zs, t_max, zt, cross, p_log_p, p_sum,
+                                                                     s, t, TEACHER_LOGITS)
     log_zs, log_zt, kl, p_sum = _finish(zs, zt, cross, p_log_p, p_sum, valid, TEACHER_LOGITS)
     return s_max, log_zs, t_max, log_zt, kl, p_sum
 
@@ -130,7 +111,7 @@ def _warped_kl_fwd_kernel(
     C, H, W, Ht, Wt, n,
     ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w,
     TEACHER_LOGITS: tl.constexpr, REDUCE_NONE: tl.constexpr, COUNT_ONLY: tl.constexpr, ALIGN: tl.constexpr,
-    SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr, MERGED: tl.constexpr,
+    BLOCK_P: tl.constexpr, ACC: tl.constexpr, MERGED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -143,61 +124,16 @@ def _warped_kl_fwd_kernel(
     tl.store(cnt_ptr + part, tl.sum(valid.to(ACC), axis=0))
     if not COUNT_ONLY:
         wx0, wx1, wy0, wy1, m00, m10, m01, m11, xi, yi = _taps(px, py, Wt, Ht, valid)
-        t_base = t_ptr + b * ts_b
-        t_off = yi * ts_h + xi * ts_w
-        s_base = s_ptr + b * ss_b
-        s_pix = pixel_offsets(offs, W, ss_h, ss_w, MERGED)
-        offs_c = tl.arange(0, BLOCK_C)
-        if SINGLE:
-            s, m = _student_tile(s_base, 0, offs_c, C, ss_c, s_pix, pm, valid, ACC)
-            t, _, _, _, _, _ = _teacher_tile(t_base, 0, offs_c, C, ts_c, ts_h, ts_w, t_off, valid,
-                                             wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC)
-            s_max, log_zs, t_max, log_zt, kl, p_sum = _tile_stats(s, t, m, valid, TEACHER_LOGITS)
-        else:
-            s_max, log_zs, t_max, log_zt, kl, p_sum = _warped_chunked_stats(
-                s_base, ss_c, s_pix, pm, t_base, ts_c, ts_h, ts_w, t_off, valid, C, offs_c,
-                wx0, wx1, wy0, wy1, m00, m10, m01, m11, BLOCK_C, BLOCK_P, TEACHER_LOGITS, ACC)
+        w00, w10, w01, w11 = _tap_weights(wx0, wx1, wy0, wy1, m00, m10, m01, m11)
+        t_ptrs = t_ptr + b * ts_b + yi * ts_h + xi * ts_w
+        s_ptrs = s_ptr + b * ss_b + pixel_offsets(offs, W, ss_h, ss_w, MERGED)
+        _, _, _, _, kl, _ = _warped_online_stats(s_ptrs, ss_c, t_ptrs, ts_c, ts_h, ts_w, C, pm, valid,
+                                                 m00, m10, m01, m11, w00, w10, w01, w11, TEACHER_LOGITS, ACC)
         kl = tl.where(valid, kl, 0.0)
         if REDUCE_NONE:
             tl.store(out_ptr + b * P + offs, kl, mask=pm)
         else:
             tl.store(out_ptr + part, tl.sum(kl, axis=0))
-
-
-@triton.jit
-def _grad_chunk(s, t, m, v00, v10, v01, v11, s_max, log_zs, t_max, log_zt, kl, p_sum, scale, c0, offs_c, C,
-                gs_base, gs_c, gs_pix, gt_base, gt_c, gt_h, gt_w, gt_off, ct_ptr, row, PT, pm,
-                wx0, wx1, wy0, wy1, m00, m10, m01, m11, gpx, gpy,
-                TEACHER_LOGITS: tl.constexpr, WANT_S: tl.constexpr, WANT_T: tl.constexpr,
-                WANT_COORDS: tl.constexpr, DETERMINISTIC: tl.constexpr):
-    gs, gt = _tile_grads(s, t, m, s_max, log_zs, t_max, log_zt, kl, p_sum, scale, TEACHER_LOGITS)
-    cc = (c0 + offs_c)[:, None]
-    if WANT_S:  # invalid pixels get exact zeros
-        tl.store(gs_base + cc * gs_c + gs_pix[None, :], cast_to(gs, gs_base.dtype.element_ty),
-                 mask=(cc < C) & pm[None, :])
-    if WANT_T:
-        w00 = tl.where(m00, wx0 * wy0, 0.0)[None, :]
-        w10 = tl.where(m10, wx1 * wy0, 0.0)[None, :]
-        w01 = tl.where(m01, wx0 * wy1, 0.0)[None, :]
-        w11 = tl.where(m11, wx1 * wy1, 0.0)[None, :]
-        if DETERMINISTIC:
-            cm = (cc < C) & pm[None, :]
-            r = row[None, :]
-            tl.store(ct_ptr + r * C + cc, w00 * gt, mask=cm)
-            tl.store(ct_ptr + (PT + r) * C + cc, w10 * gt, mask=cm)
-            tl.store(ct_ptr + (2 * PT + r) * C + cc, w01 * gt, mask=cm)
-            tl.store(ct_ptr + (3 * PT + r) * C + cc, w11 * gt, mask=cm)
-        else:
-            p = gt_base + cc * gt_c + gt_off[None, :]
-            tl.atomic_add(p, w00 * gt, mask=m & m00[None, :])
-            tl.atomic_add(p + gt_w, w10 * gt, mask=m & m10[None, :])
-            tl.atomic_add(p + gt_h, w01 * gt, mask=m & m01[None, :])
-            tl.atomic_add(p + gt_h + gt_w, w11 * gt, mask=m & m11[None, :])
-    if WANT_COORDS:
-        g = tl.where(m, gt, 0.0)
-        gpx += tl.sum(g * (wy0[None, :] * (v10 - v00) + wy1[None, :] * (v11 - v01)), axis=0)
-        gpy += tl.sum(g * (wx0[None, :] * (v01 - v00) + wx1[None, :] * (v11 - v10)), axis=0)
-    return gpx, gpy
 
 
 @triton.jit
@@ -207,8 +143,7 @@ def _warped_kl_bwd_kernel(
     ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w, gs_b, gs_c, gs_h, gs_w, gt_b, gt_c, gt_h, gt_w,
     TEACHER_LOGITS: tl.constexpr, FACTOR_PER_PIXEL: tl.constexpr, ALIGN: tl.constexpr,
     WANT_S: tl.constexpr, WANT_T: tl.constexpr, WANT_SRC: tl.constexpr, WANT_PARAMS: tl.constexpr,
-    DETERMINISTIC: tl.constexpr, SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    ACC: tl.constexpr, MERGED: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr, MERGED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -223,7 +158,9 @@ def _warped_kl_bwd_kernel(
     else:
         scale = tl.full((BLOCK_P,), 1.0, ACC) * tl.load(f_ptr).to(ACC)
     scale = tl.where(valid, scale, 0.0)
+    live = valid & (scale != 0)
     wx0, wx1, wy0, wy1, m00, m10, m01, m11, xi, yi = _taps(px, py, Wt, Ht, valid)
+    w00, w10, w01, w11 = _tap_weights(wx0, wx1, wy0, wy1, m00, m10, m01, m11)
     row = b * P + offs
     if WANT_T and DETERMINISTIC:
         dropped = Ht * Wt * tl.num_programs(1)
@@ -232,39 +169,37 @@ def _warped_kl_bwd_kernel(
         tl.store(ci_ptr + PT + row, tl.where(m10, base + 1, dropped), mask=pm)
         tl.store(ci_ptr + 2 * PT + row, tl.where(m01, base + Wt, dropped), mask=pm)
         tl.store(ci_ptr + 3 * PT + row, tl.where(m11, base + Wt + 1, dropped), mask=pm)
-    t_base = t_ptr + b * ts_b
-    t_off = yi * ts_h + xi * ts_w
-    s_base = s_ptr + b * ss_b
-    s_pix = pixel_offsets(offs, W, ss_h, ss_w, MERGED)
-    gs_base = gs_ptr + b * gs_b
-    gs_pix = pixel_offsets(offs, W, gs_h, gs_w, MERGED)
-    gt_base = gt_ptr + b * gt_b
-    gt_off = yi * gt_h + xi * gt_w
-    offs_c = tl.arange(0, BLOCK_C)
+    t_ptrs = t_ptr + b * ts_b + yi * ts_h + xi * ts_w
+    s_ptrs = s_ptr + b * ss_b + pixel_offsets(offs, W, ss_h, ss_w, MERGED)
+    gs_ptrs = gs_ptr + b * gs_b + pixel_offsets(offs, W, gs_h, gs_w, MERGED)
+    gt_ptrs = gt_ptr + b * gt_b + yi * gt_h + xi * gt_w
+    s_max, log_zs, t_max, log_zt, kl, p_sum = _warped_online_stats(
+        s_ptrs, ss_c, t_ptrs, ts_c, ts_h, ts_w, C, pm, valid, m00, m10, m01, m11, w00, w10, w01, w11,
+        TEACHER_LOGITS, ACC)
     gpx = tl.zeros((BLOCK_P,), ACC)
     gpy = tl.zeros((BLOCK_P,), ACC)
-    WANT_COORDS: tl.constexpr = WANT_SRC or WANT_PARAMS
-    if SINGLE:
-        s, m = _student_tile(s_base, 0, offs_c, C, ss_c, s_pix, pm, valid, ACC)
-        t, _, v00, v10, v01, v11 = _teacher_tile(t_base, 0, offs_c, C, ts_c, ts_h, ts_w, t_off, valid,
-                                                 wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC)
-        s_max, log_zs, t_max, log_zt, kl, p_sum = _tile_stats(s, t, m, valid, TEACHER_LOGITS)
-        gpx, gpy = _grad_chunk(s, t, m, v00, v10, v01, v11, s_max, log_zs, t_max, log_zt, kl, p_sum, scale,
-                               0, offs_c, C, gs_base, gs_c, gs_pix, gt_base, gt_c, gt_h, gt_w, gt_off, ct_ptr, row,
-                               PT, pm, wx0, wx1, wy0, wy1, m00, m10, m01, m11, gpx, gpy,
-                               TEACHER_LOGITS, WANT_S, WANT_T, WANT_COORDS, DETERMINISTIC)
-    else:
-        s_max, log_zs, t_max, log_zt, kl, p_sum = _warped_chunked_stats(
-            s_base, ss_c, s_pix, pm, t_base, ts_c, ts_h, ts_w, t_off, valid, C, offs_c,
-            wx0, wx1, wy0, wy1, m00, m10, m01, m11, BLOCK_C, BLOCK_P, TEACHER_LOGITS, ACC)
-        for c0 in range(0, C, BLOCK_C):
-            s, m = _student_tile(s_base, c0, offs_c, C, ss_c, s_pix, pm, valid, ACC)
-            t, _, v00, v10, v01, v11 = _teacher_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, t_off, valid,
-                                                     wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC)
-            gpx, gpy = _grad_chunk(s, t, m, v00, v10, v01, v11, s_max, log_zs, t_max, log_zt, kl, p_sum, scale,
-                                   c0, offs_c, C, gs_base, gs_c, gs_pix, gt_base, gt_c, gt_h, gt_w, gt_off, ct_ptr,
-                                   row, PT, pm, wx0, wx1, wy0, wy1, m00, m10, m01, m11, gpx, gpy,
-                                   TEACHER_LOGITS, WANT_S, WANT_T, WANT_COORDS, DETERMINISTIC)
+    for c in range(0, C):
+        s = tl.load(s_ptrs + c * ss_c, mask=pm, other=0.0).to(ACC)
+        t, v00, v10, v01, v11 = _warped_teacher(t_ptrs + c * ts_c, ts_h, ts_w, m00, m10, m01, m11,
+                                                w00, w10, w01, w11, ACC)
+        gs, gt = _pixel_grads(s, t, live, s_max, log_zs, t_max, log_zt, kl, p_sum, scale, TEACHER_LOGITS)
+        if WANT_S:  # invalid pixels get exact zeros
+            tl.store(gs_ptrs + c * gs_c, cast_to(gs, gs_ptr.dtype.element_ty), mask=pm)
+        if WANT_T:
+            if DETERMINISTIC:
+                tl.store(ct_ptr + row * C + c, w00 * gt, mask=pm)
+                tl.store(ct_ptr + (PT + row) * C + c, w10 * gt, mask=pm)
+                tl.store(ct_ptr + (2 * PT + row) * C + c, w01 * gt, mask=pm)
+                tl.store(ct_ptr + (3 * PT + row) * C + c, w11 * gt, mask=pm)
+            else:
+                g_ptrs = gt_ptrs + c * gt_c
+                tl.atomic_add(g_ptrs, w00 * gt, mask=live & m00)
+                tl.atomic_add(g_ptrs + gt_w, w10 * gt, mask=live & m10)
+                tl.atomic_add(g_ptrs + gt_h, w01 * gt, mask=live & m01)
+                tl.atomic_add(g_ptrs + gt_h + gt_w, w11 * gt, mask=live & m11)
+        if WANT_SRC or WANT_PARAMS:
+            gpx += gt * (wy0 * (v10 - v00) + wy1 * (v11 - v01))
+            gpy += gt * (wx0 * (v01 - v00) + wx1 * (v11 - v10))
     if WANT_SRC or WANT_PARAMS:
         # zero padding: no remap; unnormalize: d pixel / d coord = (size - 1) / 2 or size / 2
         if ALIGN:
@@ -321,8 +256,7 @@ def warped_kl_div_forward(student_logits, teacher, src, params, teacher_is_logit
     if B * H * W == 0 or C == 0 or Ht * Wt == 0:
         kl = torch.zeros((B, H, W), dtype=acc_dtype(student_logits, teacher, params), device=dev)
         return kl if reduction == "none" else kl.sum()
-    block_c, block_p, single = _blocks(C)
-    nprog = triton.cdiv(H * W, block_p)
+    nprog = triton.cdiv(H * W, PIXEL_BLOCK_FWD)
     reduce_none = reduction == "none"
     out = torch.empty((B, H * W) if reduce_none else (B, nprog), dtype=ct, device=dev)
     counts = torch.empty((B, nprog), dtype=ct, device=dev)
@@ -331,8 +265,8 @@ def warped_kl_div_forward(student_logits, teacher, src, params, teacher_is_logit
             student_logits, teacher, src_c, par_c, out, counts, hull_tolerances(Ht, Wt, ct, dev),
             C, H, W, Ht, Wt, src.shape[1], *student_logits.stride(), *teacher.stride(),
             TEACHER_LOGITS=bool(teacher_is_logits), REDUCE_NONE=reduce_none, COUNT_ONLY=False,
-            ALIGN=bool(align_corners), SINGLE=single, BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_dtype(ct),
-            MERGED=merged_pixels(student_logits), num_warps=NUM_WARPS,
+            ALIGN=bool(align_corners), BLOCK_P=PIXEL_BLOCK_FWD, ACC=tl_dtype(ct),
+            MERGED=merged_pixels(student_logits), num_warps=PIXEL_WARPS,
         )
     if reduce_none:
         loss = out.reshape(B, H, W)
@@ -357,8 +291,7 @@ def warped_kl_div_backward(grad_loss, student_logits, teacher, src, params, teac
     grad_s = torch.empty_like(student_logits) if want_s else student_logits.new_empty(0)
     det = want_t and deterministic()
     empty = B * H * W == 0 or C == 0 or Ht * Wt == 0
-    block_c, block_p, single = _blocks(C)
-    nprog = triton.cdiv(H * W, block_p) if H * W > 0 else 0
+    nprog = triton.cdiv(H * W, PIXEL_BLOCK_BWD) if H * W > 0 else 0
     gt_buf = empty_like_format(teacher, teacher.shape, dtype=ct).zero_() if want_t and not det else None
     partials = torch.zeros((B, nprog if (want_src or want_params) else 0, 4 * n + 6), dtype=ct, device=dev)
     contrib = torch.empty((4, B * H * W, C) if det else (0,), dtype=ct, device=dev)
@@ -377,8 +310,8 @@ def warped_kl_div_backward(grad_loss, student_logits, teacher, src, params, teac
                     student_logits, teacher, src_c, par_c, counts, counts, hull,
                     C, H, W, Ht, Wt, n, *student_logits.stride(), *teacher.stride(),
                     TEACHER_LOGITS=bool(teacher_is_logits), REDUCE_NONE=False, COUNT_ONLY=True,
-                    ALIGN=bool(align_corners), SINGLE=single, BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_dtype(ct),
-                    MERGED=merged_pixels(student_logits), num_warps=NUM_WARPS,
+                    ALIGN=bool(align_corners), BLOCK_P=PIXEL_BLOCK_BWD, ACC=tl_dtype(ct),
+                    MERGED=merged_pixels(student_logits), num_warps=PIXEL_WARPS,
                 )
             factor = (g.reshape(()) / _mean_denominator(counts)).reshape(1)
         gs = grad_s if want_s else student_logits
@@ -390,8 +323,8 @@ def warped_kl_div_backward(grad_loss, student_logits, teacher, src, params, teac
                 C, H, W, Ht, Wt, n, *student_logits.stride(), *teacher.stride(), *gs.stride(), *gt.stride(),
                 TEACHER_LOGITS=bool(teacher_is_logits), FACTOR_PER_PIXEL=reduction == "none",
                 ALIGN=bool(align_corners), WANT_S=want_s, WANT_T=want_t, WANT_SRC=want_src,
-                WANT_PARAMS=want_params, DETERMINISTIC=det, SINGLE=single, BLOCK_C=block_c, BLOCK_P=block_p,
-                ACC=tl_dtype(ct), MERGED=merged_pixels(student_logits, gs), num_warps=NUM_WARPS,
+                WANT_PARAMS=want_params, DETERMINISTIC=det, BLOCK_P=PIXEL_BLOCK_BWD,
+                ACC=tl_dtype(ct), MERGED=merged_pixels(student_logits, gs), num_warps=PIXEL_WARPS,
             )
     else:
         if want_s:
