@@ -7,7 +7,8 @@ Effective bandwidth counts each input read once and each output written once (wh
 streaming kernel moves); the copy reads and writes a 1 GiB buffer. Compare numbers only within
 one run on one device.
 
-    python benchmarks/gpu_bandwidth.py [--device cuda] [--quick] [--out DIR]
+    python benchmarks/gpu_bandwidth.py [--device cuda] [--quick] [--out DIR] [--name STEM]
+                                       [--backends triton] [--streaming-only]
 
 ``--quick`` uses small shapes (also runs on CPU tensors under TRITON_INTERPRET=1, to check the
 script itself).
@@ -63,7 +64,7 @@ def nbytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def backends_for(op, device):
+def backends_for(op, device, only=None):
     names = []
     info = tpswarp.backends()
     if device.type == "cuda" and info["extension"].get("cuda"):
@@ -74,13 +75,15 @@ def backends_for(op, device):
         names.append("cpp")
     out = []
     for name in names:
+        if only and name not in only:
+            continue
         with tpswarp.use_backend(name):
             if tpswarp.backends()["selected"][device.type][op] == name:
                 out.append(name)
     return out
 
 
-def bench_streaming(device, dtype, quick, repeats, copy_gbs, rows):
+def bench_streaming(device, dtype, quick, repeats, copy_gbs, rows, only=None):
     g = torch.Generator(device="cpu").manual_seed(0)
     B, C, H, W = (2, 19, 32, 48) if quick else (8, 19, 768, 768)
     Bi, Ci = (2, 3) if quick else (8, 3)
@@ -139,7 +142,7 @@ def bench_streaming(device, dtype, quick, repeats, copy_gbs, rows):
     cases["tps_warp"] = warp
 
     for op, make in cases.items():
-        for backend in backends_for(op, device):
+        for backend in backends_for(op, device, only):
             with tpswarp.use_backend(backend):
                 try:
                     for mode, fn, moved in make(backend):
@@ -213,28 +216,35 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--out", default=None, help="directory for bandwidth.csv / bandwidth.json")
+    ap.add_argument("--out", default=None, help="directory for <name>.csv / <name>.json")
+    ap.add_argument("--name", default="bandwidth", help="file name stem of the results (default bandwidth)")
+    ap.add_argument("--backends", default=None, help="only these backends of the streaming ops, e.g. triton")
+    ap.add_argument("--streaming-only", action="store_true",
+                    help="leave out tps_solve, the kornia comparison and the peak-memory rows")
     args = ap.parse_args(argv)
+    only = args.backends.split(",") if args.backends else None
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 30)
     copy_gbs = copy_bandwidth(device, args.quick)
     rows = [{"op": "copy", "backend": "torch", "mode": "d2d", "GB/s": round(copy_gbs, 1)}]
     for name in args.dtypes.split(","):
-        bench_streaming(device, getattr(torch, name), args.quick, repeats, copy_gbs, rows)
-    bench_extras(device, args.quick, repeats, rows)
+        bench_streaming(device, getattr(torch, name), args.quick, repeats, copy_gbs, rows, only)
+    if not args.streaming_only:
+        bench_extras(device, args.quick, repeats, rows)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "triton": _triton_version(), "backends": tpswarp.backends()}
+            "torch": torch.__version__, "triton": _triton_version(), "backends": tpswarp.backends(),
+            "tpswarp": os.path.dirname(tpswarp.__file__)}
     print(json.dumps(meta, indent=1, default=str))
     for r in rows:
         print("  ".join(f"{k}={v}" for k, v in r.items()))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         keys = sorted({k for r in rows for k in r})
-        with open(os.path.join(args.out, "bandwidth.csv"), "w", newline="") as f:
+        with open(os.path.join(args.out, f"{args.name}.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
-        with open(os.path.join(args.out, "bandwidth.json"), "w") as f:
+        with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
 
 

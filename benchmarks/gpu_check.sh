@@ -23,6 +23,10 @@
 #   BENCHES="masked_kl_div warped_kl_div"   # only these benchmarks/bench_<name>.py (default: all)
 #   KL_AB=1                                 # rerun the KL benchmarks with TPSWARP_CUDA_KL_REGS=0 (generic path)
 #   MEMORY_ARGS="--model rn34"              # arguments of benchmarks/memory_consistency.py --device cuda
+#   BASELINE=<git revision>                 # A/B of the Triton kernels (pure Python, no build): after the
+#                                           # full bandwidth run, the Triton rows of BASELINE's package
+#                                           # (a git worktree on PYTHONPATH), then this checkout's again:
+#                                           # triton_baseline.csv between bandwidth.csv and triton_again.csv
 set -uo pipefail
 set -x
 
@@ -145,6 +149,20 @@ for bench in benchmarks/bench_*.py; do
   fi
 done
 step gpu_bandwidth $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG --out "$OUT"
+if [ -n "${BASELINE:-}" ]; then
+  BASE_SRC=$(mktemp -d /tmp/tpswarp-baseline.XXXXXX)
+  if git worktree add --detach "$BASE_SRC" "$BASELINE" > "$OUT/baseline_worktree.log" 2>&1; then
+    # this script's gpu_bandwidth.py, the baseline's tpswarp package (no _C there: Triton serves CUDA)
+    step triton_baseline env PYTHONPATH="$BASE_SRC" $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG \
+      --backends triton --streaming-only --out "$OUT" --name triton_baseline
+    step triton_again $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG --backends triton --streaming-only \
+      --out "$OUT" --name triton_again
+    git worktree remove --force "$BASE_SRC" >> "$OUT/baseline_worktree.log" 2>&1
+  else
+    echo "baseline worktree of $BASELINE failed (baseline_worktree.log)" | tee -a "$STATUS"
+    FAILED=1
+  fi
+fi
 # One iteration of Algorithm 1, CUDA allocator and the CPU tracker (issue #5).
 # shellcheck disable=SC2086
 step memory_consistency $PYTHON benchmarks/memory_consistency.py --device cuda ${MEMORY_ARGS:-} --out "$OUT"

@@ -1,6 +1,5 @@
-// Per-pixel KL(p_t || softmax(s)) and its gradients, over C classes read with a stride.
-// Two sweeps over the classes of one pixel (max, then shifted sums) so that extreme logits
-// never overflow; both sweeps read the same few cache lines.
+// Per-pixel KL(p_t || softmax(s)) and its gradients, over C classes read with a stride: the
+// statistics in one sweep over the classes of one pixel (online maxima), the gradients in a second.
 #pragma once
 
 #include "tpswarp/common.h"
@@ -19,31 +18,52 @@ template <typename acc> struct KLPixel {
 
 // `load_s(c)` and `load_t(c)` return the student logit and the teacher value (probability or
 // logit) of class c in acc; the warped KL loads the teacher through a bilinear tap.
+// One sweep over the classes: the maxima are running maxima and every sum is kept relative to
+// them (rescaled by exp(old max - new max) when a maximum grows), so each class is loaded once and
+// costs one exp per distribution; the finished sums are those of a max sweep followed by shifted
+// sums, and no exp ever overflows.
 template <typename acc, typename LoadS, typename LoadT>
 TPSWARP_HOST_DEVICE inline KLPixel<acc> kl_pixel_loaded(const LoadS& load_s, const LoadT& load_t, int64_t C,
                                                         bool teacher_is_logits) {
   KLPixel<acc> r;
   acc s_max = load_s(0);
-  acc t_max = load_t(0);
-  for (int64_t c = 1; c < C; ++c) {
-    s_max = max_(s_max, load_s(c));
-    if (teacher_is_logits) t_max = max_(t_max, load_t(c));
+  const acc t0 = load_t(0);
+  // cross: sum_c exp(t'_c) (t'_c - s'_c) (logits) or sum_c p_c s'_c (probabilities), primes relative
+  // to the running maxima.
+  acc zs = 1, zt = 1, cross = 0, p_log_p = 0, p_sum = 0, t_max = 0;
+  if (teacher_is_logits) {
+    t_max = t0;
+  } else {
+    p_sum = t0;
+    if (t0 > 0) p_log_p = t0 * log_(t0);
   }
-  acc zs = 0, zt = 0, cross = 0, p_log_p = 0, p_sum = 0;
-  for (int64_t c = 0; c < C; ++c) {
-    const acc sc = load_s(c) - s_max;
-    zs += exp_(sc);
+  for (int64_t c = 1; c < C; ++c) {
+    const acc sc = load_s(c);
     const acc tc = load_t(c);
+    const bool s_up = sc > s_max;
+    const acc s_new = s_up ? sc : s_max;
+    const acc ds = s_new - s_max;
+    const acc es = exp_(s_up ? s_max - sc : sc - s_max);
+    zs = s_up ? zs * es + acc(1) : zs + es;
     if (teacher_is_logits) {
-      const acc tsh = tc - t_max;
-      const acc e = exp_(tsh);
-      zt += e;
-      cross += e * (tsh - sc);  // sum_c exp(t'_c) (t'_c - s'_c)
+      const bool t_up = tc > t_max;
+      const acc t_new = t_up ? tc : t_max;
+      const acc et = exp_(t_up ? t_max - tc : tc - t_max);
+      cross += ds * zt;  // earlier terms: s'_c re-referenced to the new student max
+      if (t_up) {        // ... and t'_c to the new teacher max
+        cross = et * (cross - (t_new - t_max) * zt);
+        zt *= et;
+      }
+      const acc w = t_up ? acc(1) : et;
+      cross += w * ((tc - t_new) - (sc - s_new));
+      zt += w;
+      t_max = t_new;
     } else {
-      if (tc > 0) p_log_p += tc * log_(tc);
-      cross += tc * sc;  // sum_c p_c s'_c
+      cross += tc * (sc - s_new) - ds * p_sum;
       p_sum += tc;
+      if (tc > 0) p_log_p += tc * log_(tc);
     }
+    s_max = s_new;
   }
   r.s_max = s_max;
   r.log_zs = log_(zs);

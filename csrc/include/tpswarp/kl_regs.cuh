@@ -1,13 +1,14 @@
 // CUDA-only: the per-pixel KL of tpswarp/kl.h for at most MAX_C classes (a compile-time bound),
 // with the student and teacher class vectors loaded once into register arrays.
 //
-// kl_pixel_loaded (kl.h) sweeps the classes two or three times through its loaders: on the GPU
-// each sweep is a chain of dependent loads per thread, and the later sweeps re-read L2. Here all
-// loads of a pixel are issued together (fully unrolled, independent), then the sweeps run on
-// registers. Every loop runs to MAX_C with compile-time indices (a runtime index would move the
-// arrays to local memory); classes c >= C are skipped by a warp-uniform predicate, so nothing
-// is computed, loaded or stored for them and the arithmetic is, class by class and in the same
-// order, that of kl_pixel_loaded / kl_pixel_grad_loaded.
+// kl_pixel_loaded / kl_pixel_grad_loaded (kl.h) sweep the classes through their loaders twice
+// (online statistics, then gradients): on the GPU each sweep is a chain of dependent loads per
+// thread, and the second re-reads L2. Here all loads of a pixel are issued together (fully
+// unrolled, independent), then a max sweep and the shifted sums run on registers (the two-sweep
+// form of the same statistics: equal up to rounding). Every loop runs to MAX_C with compile-time
+// indices (a runtime index would move the arrays to local memory); classes c >= C are skipped by a
+// warp-uniform predicate, so nothing is computed, loaded or stored for them; the gradients are,
+// class by class and in the same order, those of kl_pixel_grad_loaded.
 #pragma once
 
 #include <cstdlib>
@@ -28,7 +29,7 @@ __device__ __forceinline__ void kl_load_regs(const LoadS& load_s, const LoadT& l
   }
 }
 
-// kl_pixel_loaded on register arrays holding C >= 1 classes.
+// The statistics of kl_pixel_loaded (in the two-sweep form) on register arrays holding C >= 1 classes.
 template <int MAX_C, typename acc>
 __device__ __forceinline__ KLPixel<acc> kl_pixel_regs(const acc (&s)[MAX_C], const acc (&t)[MAX_C], int C,
                                                       bool teacher_is_logits) {
