@@ -275,6 +275,7 @@ at::Tensor masked_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor&
       acc* out = kl.mutable_data_ptr<acc>();
       const int64_t sb = s.stride(0), sc = s.stride(1), sn = s.stride(2);
       const int64_t tb = t.stride(0), tc = t.stride(1), tn = t.stride(2);
+      const bool one_sweep = cpu::kl_one_sweep();
       at::parallel_for(0, B * N, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t b = i / N, n = i % N;
@@ -283,7 +284,8 @@ at::Tensor masked_kl_div_cpu(const at::Tensor& student_logits, const at::Tensor&
             out[i] = 0;
             continue;
           }
-          const auto st = kl_pixel<scalar_t>(sp + b * sb + n * sn, sc, tp + b * tb + n * tn, tc, C, teacher_is_logits);
+          const auto st = kl_pixel<scalar_t>(sp + b * sb + n * sn, sc, tp + b * tb + n * tn, tc, C, teacher_is_logits,
+                                            one_sweep);
           out[i] = w * st.kl;
         }
       });
@@ -380,6 +382,7 @@ std::tuple<at::Tensor, at::Tensor> full_backward(const at::Tensor& grad_loss, co
       const int64_t gsb = gsp ? gs3.stride(0) : 0, gsc = gsp ? gs3.stride(1) : 0, gsn = gsp ? gs3.stride(2) : 0;
       const int64_t gtb = gtp ? gt3.stride(0) : 0, gtc = gtp ? gt3.stride(1) : 0, gtn = gtp ? gt3.stride(2) : 0;
       acc* klp = kl_out ? kl_out->mutable_data_ptr<acc>() : nullptr;
+      const bool one_sweep = cpu::kl_one_sweep();
       at::parallel_for(0, B * N, std::max<int64_t>(1, 2048 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t b = i / N, n = i % N;
@@ -396,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor> full_backward(const at::Tensor& grad_loss, co
           }
           const scalar_t* si = sp + b * sb + n * sn;
           const scalar_t* ti = tp + b * tb + n * tn;
-          const auto st = kl_pixel<scalar_t>(si, sc, ti, tc, C, teacher_is_logits);
+          const auto st = kl_pixel<scalar_t>(si, sc, ti, tc, C, teacher_is_logits, one_sweep);
           kl_pixel_grad<scalar_t>(si, sc, ti, tc, C, teacher_is_logits, st, scale, gsi, gsc, gti, gtc);
           if (klp) klp[i] = (wp ? wp[i] : acc(1)) * st.kl;
         }

@@ -418,7 +418,7 @@ void block_kl(const Problem& pb, int64_t P, const acc* s, int64_t scs, const acc
       cpu::kl_block_stats<float, float, false>(s, scs, tbuf, kBlock, pb.C, P, st);
     for (int64_t p = 0; p < P; ++p) out[p] = st.kl[p];
   } else {
-    for (int64_t p = 0; p < P; ++p) out[p] = kl_pixel<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits).kl;
+    for (int64_t p = 0; p < P; ++p) out[p] = kl_pixel<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits, cpu::kl_one_sweep()).kl;
   }
 }
 
@@ -447,7 +447,7 @@ void block_kl_grad(const Problem& pb, int64_t P, const acc* s, int64_t scs, cons
       for (int64_t p = 0; p < P; ++p) kl[p] = st.kl[p];
   } else {
     for (int64_t p = 0; p < P; ++p) {
-      const auto st = kl_pixel<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits);
+      const auto st = kl_pixel<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits, cpu::kl_one_sweep());
       kl_pixel_grad<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits, st, scale[p], gs ? gs + p : nullptr, gscs,
                          gtbuf ? gtbuf + p : nullptr, kBlock);
       if (kl) kl[p] = st.kl;

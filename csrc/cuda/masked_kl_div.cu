@@ -61,7 +61,7 @@ __global__ void kl_forward_kernel(const scalar_t* __restrict__ s, Strides3 ss, c
     const scalar_t* si = s + b * ss.b + n * ss.n;
     const scalar_t* ti = t + b * ts.b + n * ts.n;
     if constexpr (MAX_C == 0) {
-      const auto st = kl_pixel<scalar_t>(si, ss.c, ti, ts.c, C, teacher_is_logits);
+      const auto st = kl_pixel<scalar_t>(si, ss.c, ti, ts.c, C, teacher_is_logits, true);
       out[i] = wi * st.kl;
     } else {
       acc sv[MAX_C], tv[MAX_C];
@@ -94,7 +94,7 @@ __global__ void kl_backward_kernel(const scalar_t* __restrict__ s, Strides3 ss, 
     const scalar_t* si = s + b * ss.b + n * ss.n;
     const scalar_t* ti = t + b * ts.b + n * ts.n;
     if constexpr (MAX_C == 0) {
-      const auto st = kl_pixel<scalar_t>(si, ss.c, ti, ts.c, C, teacher_is_logits);
+      const auto st = kl_pixel<scalar_t>(si, ss.c, ti, ts.c, C, teacher_is_logits, true);
       kl_pixel_grad<scalar_t>(si, ss.c, ti, ts.c, C, teacher_is_logits, st, scale, gsi, gss.c, gti, gts.c);
     } else {
       acc sv[MAX_C], tv[MAX_C];
@@ -161,7 +161,7 @@ __global__ void kl_sized_forward_kernel(SizedGeom g, const scalar_t* __restrict_
     const auto rt = kl_resize::tap2<acc>(oy, ox, g.ht, g.wt, t_sh, t_sw, ts.h, ts.w);
     const scalar_t* sb = s + b * ss.b;
     const scalar_t* tb = t + b * ts.b;
-    const auto st = kl_pixel_loaded<acc>(
+    const auto st = kl_pixel_online_loaded<acc>(
         [&](int64_t c) { return kl_resize::read<scalar_t, acc>(sb + c * ss.c, rs); },
         [&](int64_t c) { return kl_resize::read<scalar_t, acc>(tb + c * ts.c, rt); }, g.C, g.logits);
     if (out) out[i] = wi * st.kl;

@@ -113,7 +113,7 @@ __global__ void warped_kl_forward_kernel(Geometry g, const scalar_t* __restrict_
     auto load_s = [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); };
     auto load_t = [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0)); };
     if constexpr (MAX_C == 0) {
-      kl[b * N + k] = kl_pixel_loaded<acc>(load_s, load_t, g.C, g.logits).kl;
+      kl[b * N + k] = kl_pixel_online_loaded<acc>(load_s, load_t, g.C, g.logits).kl;
     } else {
       acc sv[MAX_C], tv[MAX_C];
       kl_load_regs<MAX_C, acc>(load_s, load_t, int(g.C), sv, tv);
@@ -187,7 +187,7 @@ __global__ void warped_kl_backward_kernel(Geometry g, const scalar_t* __restrict
     };
     const bool want_t = gt_b != nullptr || kCoords;
     if constexpr (MAX_C == 0) {
-      const auto st = kl_pixel_loaded<acc>(load_s, load_t, g.C, g.logits);
+      const auto st = kl_pixel_online_loaded<acc>(load_s, load_t, g.C, g.logits);
       if (kl_out) kl_out[b * N + k] = st.kl;
       kl_pixel_grad_loaded<acc>(load_s, load_t, g.C, g.logits, st, scale, gsp != nullptr, store_s, want_t, store_t);
     } else {
@@ -448,7 +448,7 @@ __global__ void warped_kl_sized_forward_kernel(Geometry g, SizedDims d, const sc
     const auto vt = virtual_tap<acc>(w.px, w.py, g, d, t_sh, t_sw);
     const scalar_t* sb = s + b * ss.b;
     const scalar_t* tb = t + b * ts.b;
-    const auto st = kl_pixel_loaded<acc>(
+    const auto st = kl_pixel_online_loaded<acc>(
         [&](int64_t c) { return kl_resize::read<scalar_t, acc>(sb + c * ss.c, rs); },
         [&](int64_t c) { return virtual_read<scalar_t, acc>(tb + c * ts.c, vt, ts.h, ts.w); }, g.C, g.logits);
     if (kl) kl[b * N + k] = st.kl;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "tpswarp/common.h"
 #include "tpswarp/cpu_fastmath.h"
@@ -14,6 +15,17 @@ namespace tpswarp {
 namespace cpu {
 
 constexpr int64_t kKLBlock = 64;
+
+// TPSWARP_KL_ONE_SWEEP=1: the scalar KL paths (float64, strided layouts) take the one-sweep statistics
+// of the CUDA kernels (kl_pixel_online_loaded) instead of their two sweeps (slower here, measured),
+// so that tests run on the CPU the per-pixel code the GPU runs. Read once.
+inline bool kl_one_sweep() {
+  static const bool on = [] {
+    const char* v = std::getenv("TPSWARP_KL_ONE_SWEEP");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
+  return on;
+}
 
 // x86-64 builds get an AVX2+FMA clone chosen at load time by CPU features; other targets the
 // plain code. (Not "arch=haswell": that clone is chosen by CPU model, so AMD and newer Intel

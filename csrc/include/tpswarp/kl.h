@@ -1,5 +1,6 @@
-// Per-pixel KL(p_t || softmax(s)) and its gradients, over C classes read with a stride: the
-// statistics in one sweep over the classes of one pixel (online maxima), the gradients in a second.
+// Per-pixel KL(p_t || softmax(s)) and its gradients, over C classes read with a stride. The
+// statistics take two sweeps over the classes (CPU) or one with running maxima (CUDA); extreme
+// logits never overflow either way. The gradients take one more sweep.
 #pragma once
 
 #include "tpswarp/common.h"
@@ -16,20 +17,72 @@ template <typename acc> struct KLPixel {
   acc p_sum;     // sum_c p_c (1 for logits; the teacher's mass for probabilities)
 };
 
+// KL and the statistics from the sums of a pixel: zs = sum_c exp(s'_c), zt = sum_c exp(t'_c),
+// cross = sum_c exp(t'_c) (t'_c - s'_c) (logits) or sum_c p_c s'_c (probabilities), p_log_p, p_sum
+// (probabilities); primes: relative to s_max and t_max.
+template <typename acc>
+TPSWARP_HOST_DEVICE TPSWARP_INLINE KLPixel<acc> kl_finish(acc s_max, acc zs, acc t_max, acc zt, acc cross, acc p_log_p,
+                                                          acc p_sum, bool teacher_is_logits) {
+  KLPixel<acc> r;
+  r.s_max = s_max;
+  r.log_zs = log_(zs);
+  if (teacher_is_logits) {
+    r.t_max = t_max;
+    r.log_zt = log_(zt);
+    r.p_sum = 1;
+    // sum_c p_c ((t'_c - log zt) - (s'_c - log zs))
+    r.kl = cross / zt - r.log_zt + r.log_zs;
+  } else {
+    r.t_max = 0;
+    r.log_zt = 0;
+    r.p_sum = p_sum;
+    // sum_c p_c log p_c - sum_c p_c (s'_c - log zs)
+    r.kl = p_log_p - cross + r.log_zs * p_sum;
+  }
+  return r;
+}
+
 // `load_s(c)` and `load_t(c)` return the student logit and the teacher value (probability or
 // logit) of class c in acc; the warped KL loads the teacher through a bilinear tap.
-// One sweep over the classes: the maxima are running maxima and every sum is kept relative to
-// them (rescaled by exp(old max - new max) when a maximum grows), so each class is loaded once and
-// costs one exp per distribution; the finished sums are those of a max sweep followed by shifted
-// sums, and no exp ever overflows.
+// Two sweeps over the classes (the maxima, then the shifted sums): the CPU's scalar paths, where the
+// second sweep reads L1 and the short dependency chains of each sweep keep the core busy.
 template <typename acc, typename LoadS, typename LoadT>
 TPSWARP_HOST_DEVICE inline KLPixel<acc> kl_pixel_loaded(const LoadS& load_s, const LoadT& load_t, int64_t C,
                                                         bool teacher_is_logits) {
-  KLPixel<acc> r;
+  acc s_max = load_s(0);
+  acc t_max = load_t(0);
+  for (int64_t c = 1; c < C; ++c) {
+    s_max = max_(s_max, load_s(c));
+    if (teacher_is_logits) t_max = max_(t_max, load_t(c));
+  }
+  acc zs = 0, zt = 0, cross = 0, p_log_p = 0, p_sum = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc sc = load_s(c) - s_max;
+    zs += exp_(sc);
+    const acc tc = load_t(c);
+    if (teacher_is_logits) {
+      const acc tsh = tc - t_max;
+      const acc e = exp_(tsh);
+      zt += e;
+      cross += e * (tsh - sc);
+    } else {
+      if (tc > 0) p_log_p += tc * log_(tc);
+      cross += tc * sc;
+      p_sum += tc;
+    }
+  }
+  return kl_finish<acc>(s_max, zs, t_max, zt, cross, p_log_p, p_sum, teacher_is_logits);
+}
+
+// The same statistics in one sweep over the classes (the CUDA kernels: each class loaded once; many
+// threads hide the longer dependency chain). The maxima are running maxima and every sum is kept
+// relative to them (rescaled by exp(old max - new max) when a maximum grows), one exp per class and
+// distribution; the finished sums equal the two-sweep ones up to rounding, and no exp overflows.
+template <typename acc, typename LoadS, typename LoadT>
+TPSWARP_HOST_DEVICE inline KLPixel<acc> kl_pixel_online_loaded(const LoadS& load_s, const LoadT& load_t, int64_t C,
+                                                               bool teacher_is_logits) {
   acc s_max = load_s(0);
   const acc t0 = load_t(0);
-  // cross: sum_c exp(t'_c) (t'_c - s'_c) (logits) or sum_c p_c s'_c (probabilities), primes relative
-  // to the running maxima.
   acc zs = 1, zt = 1, cross = 0, p_log_p = 0, p_sum = 0, t_max = 0;
   if (teacher_is_logits) {
     t_max = t0;
@@ -65,22 +118,7 @@ TPSWARP_HOST_DEVICE inline KLPixel<acc> kl_pixel_loaded(const LoadS& load_s, con
     }
     s_max = s_new;
   }
-  r.s_max = s_max;
-  r.log_zs = log_(zs);
-  if (teacher_is_logits) {
-    r.t_max = t_max;
-    r.log_zt = log_(zt);
-    r.p_sum = 1;
-    // sum_c p_c ((t'_c - log zt) - (s'_c - log zs))
-    r.kl = cross / zt - r.log_zt + r.log_zs;
-  } else {
-    r.t_max = 0;
-    r.log_zt = 0;
-    r.p_sum = p_sum;
-    // sum_c p_c log p_c - sum_c p_c (s'_c - log zs)
-    r.kl = p_log_p - cross + r.log_zs * p_sum;
-  }
-  return r;
+  return kl_finish<acc>(s_max, zs, t_max, zt, cross, p_log_p, p_sum, teacher_is_logits);
 }
 
 // Gradients of scale * KL at one pixel, handed to store_s(c, g) / store_t(c, g).
@@ -113,11 +151,14 @@ TPSWARP_HOST_DEVICE inline void kl_pixel_grad_loaded(const LoadS& load_s, const 
 }
 
 // Pointer forms: `s`, `t` point at class 0 of the pixel; `ss`, `ts` are the class strides.
+// one_sweep: kl_pixel_online_loaded instead of kl_pixel_loaded.
 template <typename scalar_t, typename acc = acc_t<scalar_t>>
 TPSWARP_HOST_DEVICE inline KLPixel<acc> kl_pixel(const scalar_t* s, int64_t ss, const scalar_t* t, int64_t ts,
-                                                 int64_t C, bool teacher_is_logits) {
-  return kl_pixel_loaded<acc>([&](int64_t c) { return static_cast<acc>(s[c * ss]); },
-                              [&](int64_t c) { return static_cast<acc>(t[c * ts]); }, C, teacher_is_logits);
+                                                 int64_t C, bool teacher_is_logits, bool one_sweep = false) {
+  auto load_s = [&](int64_t c) { return static_cast<acc>(s[c * ss]); };
+  auto load_t = [&](int64_t c) { return static_cast<acc>(t[c * ts]); };
+  return one_sweep ? kl_pixel_online_loaded<acc>(load_s, load_t, C, teacher_is_logits)
+                   : kl_pixel_loaded<acc>(load_s, load_t, C, teacher_is_logits);
 }
 
 // gs / gt may be null (not requested).

@@ -1,14 +1,14 @@
 // CUDA-only: the per-pixel KL of tpswarp/kl.h for at most MAX_C classes (a compile-time bound),
 // with the student and teacher class vectors loaded once into register arrays.
 //
-// kl_pixel_loaded / kl_pixel_grad_loaded (kl.h) sweep the classes through their loaders twice
-// (online statistics, then gradients): on the GPU each sweep is a chain of dependent loads per
-// thread, and the second re-reads L2. Here all loads of a pixel are issued together (fully
-// unrolled, independent), then a max sweep and the shifted sums run on registers (the two-sweep
-// form of the same statistics: equal up to rounding). Every loop runs to MAX_C with compile-time
-// indices (a runtime index would move the arrays to local memory); classes c >= C are skipped by a
-// warp-uniform predicate, so nothing is computed, loaded or stored for them; the gradients are,
-// class by class and in the same order, those of kl_pixel_grad_loaded.
+// The CUDA kernels' generic path (kl_pixel_online_loaded, then kl_pixel_grad_loaded: kl.h) sweeps
+// the classes through its loaders once for the statistics and once more for the gradients: on the GPU
+// each sweep is a chain of dependent loads per thread, and the second re-reads L2. Here all loads of
+// a pixel are issued together (fully unrolled, independent), then the sweeps run on registers: the
+// statistics in kl_pixel_loaded's two-sweep form (equal to the one-sweep ones up to rounding), the
+// gradients, class by class and in the same order, those of kl_pixel_grad_loaded. Every loop runs to
+// MAX_C with compile-time indices (a runtime index would move the arrays to local memory); classes
+// c >= C are skipped by a warp-uniform predicate, so nothing is computed, loaded or stored for them.
 #pragma once
 
 #include <cstdlib>
@@ -29,7 +29,7 @@ __device__ __forceinline__ void kl_load_regs(const LoadS& load_s, const LoadT& l
   }
 }
 
-// The statistics of kl_pixel_loaded (in the two-sweep form) on register arrays holding C >= 1 classes.
+// kl_pixel_loaded on register arrays holding C >= 1 classes.
 template <int MAX_C, typename acc>
 __device__ __forceinline__ KLPixel<acc> kl_pixel_regs(const acc (&s)[MAX_C], const acc (&t)[MAX_C], int C,
                                                       bool teacher_is_logits) {
