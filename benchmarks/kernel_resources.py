@@ -152,6 +152,15 @@ def _triton_cases(kernels: Dict, quick: bool):
         yield (f"tps_warp backward {name}",
                lambda: tw_bwd(torch.ones_like(img), img, src[:Bi], params[:Bi], "bilinear", "zeros", False, 0.0,
                               None, [True, False, True]))
+    # size=: logits at half resolution, the loss at full (the trainer's low-resolution mode)
+    size = (H, W)
+    sh, th = s[:, :, ::2, ::2].contiguous(), t[:, :, ::2, ::2].contiguous()
+    g_map = torch.ones(B, H, W)
+    yield "masked_kl_div size= forward float32", lambda: mk_fwd(sh, th, None, True, "none", size)
+    yield "masked_kl_div size= backward float32", lambda: mk_bwd(g_map, sh, th, None, True, "none", size, [True, False])
+    yield "warped_kl_div size= forward float32", lambda: wk_fwd(sh, th, src, params, True, False, "none", size)
+    yield ("warped_kl_div size= backward float32",
+           lambda: wk_bwd(g_map, sh, th, src, params, True, False, "none", size, [True, False, False, False]))
 
 
 # --------------------------------------------------------------------------------------------

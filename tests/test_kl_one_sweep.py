@@ -87,7 +87,8 @@ def test_kl_test_files_pass_with_one_sweep_statistics():
     env = dict(os.environ, TPSWARP_KL_ONE_SWEEP="1", TPSWARP_TEST_BACKENDS="cpp")
     env.pop("TRITON_INTERPRET", None)
     files = ["test_masked_kl_div.py", "test_warped_kl_div.py", "test_kl_size.py", "test_kl_one_sweep.py"]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *(os.path.join(HERE, f) for f in files)]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+    cmd += [os.path.join(HERE, f) for f in files]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=os.path.dirname(HERE))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert " passed" in result.stdout

@@ -96,6 +96,19 @@ def main(argv=None) -> int:
             attempt(f"warped_kl fwd {dt}", lambda: WK.warped_kl_div_forward(s, t, src, par, logits, False, red))
             attempt(f"warped_kl bwd {dt}",
                     lambda: WK.warped_kl_div_backward(gl, s, t, src, par, logits, False, red, None, [True] * 4))
+        # size=: the statistics kernels (one sweep) and the gathers ((classes x pixels) tiles)
+        size = (12, 12)
+        g12 = torch.ones(2, *size)
+        for logits, red in (itertools.product([False, True], ["mean", "none"]) if args.all else [(True, "none")]):
+            gl = g12 if red == "none" else g0
+            attempt(f"masked_kl size fwd {dt}", lambda: K.masked_kl_div_forward(s, t, None, logits, red, size))
+            attempt(f"masked_kl size bwd {dt}",
+                    lambda: K.masked_kl_div_backward(gl, s, t, None, logits, red, size, [True, True]))
+            attempt(f"warped_kl size fwd {dt}",
+                    lambda: WK.warped_kl_div_forward(s, t, src, par, logits, False, red, size))
+            attempt(f"warped_kl size bwd {dt}",
+                    lambda: WK.warped_kl_div_backward(gl, s, t, src, par, logits, False, red, size,
+                                                      [True, False, False, False]))
     # the deterministic scatter variants
     torch.use_deterministic_algorithms(True)
     try:

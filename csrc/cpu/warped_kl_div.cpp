@@ -418,7 +418,8 @@ void block_kl(const Problem& pb, int64_t P, const acc* s, int64_t scs, const acc
       cpu::kl_block_stats<float, float, false>(s, scs, tbuf, kBlock, pb.C, P, st);
     for (int64_t p = 0; p < P; ++p) out[p] = st.kl[p];
   } else {
-    for (int64_t p = 0; p < P; ++p) out[p] = kl_pixel<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits, cpu::kl_one_sweep()).kl;
+    const bool one_sweep = cpu::kl_one_sweep();
+    for (int64_t p = 0; p < P; ++p) out[p] = kl_pixel<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits, one_sweep).kl;
   }
 }
 

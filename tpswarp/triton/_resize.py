@@ -73,13 +73,12 @@ def readers_begin(y, scale):
 
 
 @triton.jit
-def resized_tile(base, c0, offs_c, C, s_c, s_h, s_w, r0, r1, lr0, lr1, q0, q1, lq0, lq1, pm, ACC: tl.constexpr):
-    """(classes x pixels) tile of the resized input in ``ACC``: pixel k reads rows ``r0/r1`` with
-    weights ``lr0/lr1`` and columns ``q0/q1`` with ``lq0/lq1`` (upsample_bilinear2d's order of
-    operations); taps of weight 0 are not loaded. Returns the tile and its mask."""
-    cc = c0 + offs_c
-    m = (cc < C)[:, None] & pm[None, :]
-    p = base + cc[:, None] * s_c
+def resized_value(p, mask, s_h, s_w, r0, r1, lr0, lr1, q0, q1, lq0, lq1, ACC: tl.constexpr):
+    """The resized input in ``ACC`` at each output pixel, which reads rows ``r0/r1`` with weights
+    ``lr0/lr1`` and columns ``q0/q1`` with ``lq0/lq1`` (upsample_bilinear2d's order of operations).
+    ``p`` points at the plane: one class (a scalar pointer, pixel vectors out) or a column of
+    classes (``(classes, 1)`` pointers, tiles out); ``mask`` what may be loaded, broadcast the same
+    way. Taps of weight 0 are not loaded."""
     a0 = r0 * s_h
     a1 = r1 * s_h
     b0 = q0 * s_w
@@ -88,11 +87,17 @@ def resized_tile(base, c0, offs_c, C, s_c, s_h, s_w, r0, r1, lr0, lr1, q0, q1, l
     nr1 = lr1 != 0
     nq0 = lq0 != 0
     nq1 = lq1 != 0
-    v00 = tl.load(p + (a0 + b0)[None, :], mask=m & (nr0 & nq0)[None, :], other=0.0).to(ACC)
-    v01 = tl.load(p + (a0 + b1)[None, :], mask=m & (nr0 & nq1)[None, :], other=0.0).to(ACC)
-    v10 = tl.load(p + (a1 + b0)[None, :], mask=m & (nr1 & nq0)[None, :], other=0.0).to(ACC)
-    v11 = tl.load(p + (a1 + b1)[None, :], mask=m & (nr1 & nq1)[None, :], other=0.0).to(ACC)
-    lq0_ = lq0[None, :]
-    lq1_ = lq1[None, :]
-    v = lr0[None, :] * (lq0_ * v00 + lq1_ * v01) + lr1[None, :] * (lq0_ * v10 + lq1_ * v11)
-    return v, m
+    v00 = tl.load(p + (a0 + b0), mask=mask & (nr0 & nq0), other=0.0).to(ACC)
+    v01 = tl.load(p + (a0 + b1), mask=mask & (nr0 & nq1), other=0.0).to(ACC)
+    v10 = tl.load(p + (a1 + b0), mask=mask & (nr1 & nq0), other=0.0).to(ACC)
+    v11 = tl.load(p + (a1 + b1), mask=mask & (nr1 & nq1), other=0.0).to(ACC)
+    return lr0 * (lq0 * v00 + lq1 * v01) + lr1 * (lq0 * v10 + lq1 * v11)
+
+
+@triton.jit
+def resized_tile(base, c0, offs_c, C, s_c, s_h, s_w, r0, r1, lr0, lr1, q0, q1, lq0, lq1, pm, ACC: tl.constexpr):
+    """(classes x pixels) tile of the resized input (``resized_value`` of classes ``c0 + offs_c``) and
+    its mask."""
+    cc = c0 + offs_c
+    m = (cc < C)[:, None] & pm[None, :]
+    return resized_value(base + cc[:, None] * s_c, m, s_h, s_w, r0, r1, lr0, lr1, q0, q1, lq0, lq1, ACC), m

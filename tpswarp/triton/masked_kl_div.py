@@ -16,8 +16,8 @@ partial per program and are summed by torch in a fixed order (deterministic); th
 denominator stays on the device.
 
 With ``size=(H, W)`` (``masked_kl_div_size_forward`` / ``_backward``): the low-resolution student
-and teacher are read through the bilinear resize taps (``_resize.py``) as (classes x pixels) tiles,
-a max sweep then the shifted sums (classes in chunks above ``MAX_BLOCK_C``); both gradients are native:
+and teacher are read through the bilinear resize taps (``_resize.py``), the statistics in one sweep
+over the classes as above; both gradients are native (the gather on (classes x pixels) tiles):
 per-output-pixel statistics, then a deterministic gather per low-resolution input pixel.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from .._backend import register_python_backend
-from ._resize import reader_span, readers_begin, resize_scales, resize_tap, resize_weight, resized_tile
+from ._resize import (reader_span, readers_begin, resize_scales, resize_tap, resize_weight, resized_tile,
+                      resized_value)
 from ._utils import (INTERPRET, acc_dtype, as_4d, cast_to, device_guard, merged_pixels, next_pow2, pixel_offsets,
                      strides4, tl_dtype)
 
@@ -37,33 +38,15 @@ from ._utils import (INTERPRET, acc_dtype, as_4d, cast_to, device_guard, merged_
 # loaded as one vector per class) and warps per program.
 PIXEL_BLOCK = 512 if not INTERPRET else 4096
 PIXEL_WARPS = 4
-# size=(H, W): largest class tile; above it the classes are swept in chunks. Tests lower it to
-# exercise the chunked path.
+# size=(H, W): output pixels per program of the statistics kernels (one per thread: the
+# resize taps are gathers).
+SIZED_PIXEL_BLOCK = 128 if not INTERPRET else 4096
+# size=(H, W) gathers: at most MAX_BLOCK_C classes per program (a grid axis over class chunks), on
+# (classes x pixels) tiles of TILE_ELEMS elements. Tests lower it to exercise several chunks.
 MAX_BLOCK_C = 64
 # Elements of one (classes x pixels) tile.
 TILE_ELEMS = 2048 if not INTERPRET else 16384
 NUM_WARPS = 4
-
-
-@triton.jit
-def _tile_sums(s, t, m, s_max, t_max, TEACHER_LOGITS: tl.constexpr):
-    """Shifted sums of one tile: (zs, zt, cross, p_log_p, p_sum), each (BLOCK_P,)."""
-    ssh = tl.where(m, s - s_max[None, :], 0.0)  # padded lanes: 0, never exp overflow
-    zs = tl.sum(tl.where(m, tl.exp(ssh), 0.0), axis=0)
-    if TEACHER_LOGITS:
-        tsh = tl.where(m, t - t_max[None, :], 0.0)
-        e = tl.where(m, tl.exp(tsh), 0.0)
-        zt = tl.sum(e, axis=0)
-        cross = tl.sum(tl.where(m, e * (tsh - ssh), 0.0), axis=0)  # sum exp(t'_c) (t'_c - s'_c)
-        p_log_p = tl.zeros_like(zs)
-        p_sum = tl.zeros_like(zs)
-    else:
-        positive = m & (t > 0)
-        p_log_p = tl.sum(tl.where(positive, t * tl.log(tl.where(positive, t, 1.0)), 0.0), axis=0)
-        cross = tl.sum(tl.where(m, t * ssh, 0.0), axis=0)  # sum p_c s'_c
-        p_sum = tl.sum(tl.where(m, t, 0.0), axis=0)
-        zt = tl.zeros_like(zs)
-    return zs, zt, cross, p_log_p, p_sum
 
 
 @triton.jit
@@ -99,7 +82,7 @@ def _online_update(s_max, zs, t_max, zt, cross, p_log_p, p_sum, s, t, TEACHER_LO
     """Adds one class to the online statistics: one exp per distribution and class (the larger of the
     running max and the new value is the new reference); ``cross`` is kept relative to the running
     maxima (``sum exp(t'_c) (t'_c - s'_c)`` for logits, ``sum p_c s'_c`` for probabilities), so the
-    finished values are those of the two-sweep form (``_tile_sums``)."""
+    finished values are those of a max sweep followed by shifted sums."""
     s_new = tl.maximum(s_max, s)
     ds = s_new - s_max
     es = tl.exp(-tl.abs(s - s_max))
@@ -156,21 +139,6 @@ def _pixel_grads(s, t, live, s_max, log_zs, t_max, log_zt, kl, p_sum, scale, TEA
         gt = tl.where(positive, log_p + 1.0, 0.0) - log_q
     gs = q * p_sum - p
     return tl.where(live, scale * gs, 0.0), tl.where(live, scale * gt, 0.0)
-
-
-@triton.jit
-def _tile_stats(s, t, m, pmask, TEACHER_LOGITS: tl.constexpr):
-    """Per-pixel (s_max, log_zs, t_max, log_zt, kl, p_sum) of a tile holding all the classes."""
-    s_max = tl.max(tl.where(m, s, float("-inf")), axis=0)
-    s_max = tl.where(pmask, s_max, 0.0)
-    if TEACHER_LOGITS:
-        t_max = tl.max(tl.where(m, t, float("-inf")), axis=0)
-        t_max = tl.where(pmask, t_max, 0.0)
-    else:
-        t_max = tl.zeros_like(s_max)
-    zs, zt, cross, p_log_p, p_sum = _tile_sums(s, t, m, s_max, t_max, TEACHER_LOGITS)
-    log_zs, log_zt, kl, p_sum = _finish(zs, zt, cross, p_log_p, p_sum, pmask, TEACHER_LOGITS)
-    return s_max, log_zs, t_max, log_zt, kl, p_sum
 
 
 @triton.jit
@@ -243,10 +211,9 @@ def _masked_kl_bwd_kernel(
             tl.store(gt_ptrs + c * gt_c, cast_to(gt, gt_ptr.dtype.element_ty), mask=pmask)
 
 
-def _blocks(C: int):
-    block_c = min(next_pow2(max(C, 1)), MAX_BLOCK_C)
-    block_p = max(16, min(1024, TILE_ELEMS // block_c))
-    return block_c, block_p, C <= block_c
+def _class_block(C: int) -> int:
+    """Classes per program of the ``size=`` gather kernels (a grid axis over class chunks)."""
+    return min(next_pow2(max(C, 1)), MAX_BLOCK_C)
 
 
 def _weights(mask, student, ct):
@@ -362,49 +329,23 @@ N_STATS = 7
 
 
 @triton.jit
-def _resized_stats(s_base, ss_c, ss_h, ss_w, t_base, ts_c, ts_h, ts_w, Y, X, pm, C, hs, ws, ht, wt, sc_ptr, offs_c,
-                   SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+def _resized_stats(s_base, ss_c, ss_h, ss_w, t_base, ts_c, ts_h, ts_w, Y, X, pm, C, hs, ws, ht, wt, sc_ptr,
                    TEACHER_LOGITS: tl.constexpr, ACC: tl.constexpr):
     """Per-output-pixel (s_max, log_zs, t_max, log_zt, kl, p_sum) of the resized student and teacher
-    at output rows ``Y`` and columns ``X``."""
+    at output rows ``Y`` and columns ``X``: one sweep over the classes, as ``_online_stats``."""
     sr0, sr1, slr0, slr1 = resize_tap(Y, hs, tl.load(sc_ptr))
     sq0, sq1, slq0, slq1 = resize_tap(X, ws, tl.load(sc_ptr + 1))
     tr0, tr1, tlr0, tlr1 = resize_tap(Y, ht, tl.load(sc_ptr + 2))
     tq0, tq1, tlq0, tlq1 = resize_tap(X, wt, tl.load(sc_ptr + 3))
-    if SINGLE:
-        s, m = resized_tile(s_base, 0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1, pm, ACC)
-        t, _ = resized_tile(t_base, 0, offs_c, C, ts_c, ts_h, ts_w, tr0, tr1, tlr0, tlr1, tq0, tq1, tlq0, tlq1, pm, ACC)
-        s_max, log_zs, t_max, log_zt, kl, p_sum = _tile_stats(s, t, m, pm, TEACHER_LOGITS)
-    else:
-        s_max = tl.full((BLOCK_P,), float("-inf"), ACC)
-        t_max = tl.full((BLOCK_P,), float("-inf"), ACC)
-        for c0 in range(0, C, BLOCK_C):
-            s, m = resized_tile(s_base, c0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1,
-                                pm, ACC)
-            s_max = tl.maximum(s_max, tl.max(tl.where(m, s, float("-inf")), axis=0))
-            if TEACHER_LOGITS:
-                t, _ = resized_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, tr0, tr1, tlr0, tlr1, tq0, tq1, tlq0,
-                                    tlq1, pm, ACC)
-                t_max = tl.maximum(t_max, tl.max(tl.where(m, t, float("-inf")), axis=0))
-        s_max = tl.where(pm, s_max, 0.0)
-        t_max = tl.where(pm, t_max, 0.0)
-        zs = tl.zeros((BLOCK_P,), ACC)
-        zt = tl.zeros((BLOCK_P,), ACC)
-        cross = tl.zeros((BLOCK_P,), ACC)
-        p_log_p = tl.zeros((BLOCK_P,), ACC)
-        p_sum = tl.zeros((BLOCK_P,), ACC)
-        for c0 in range(0, C, BLOCK_C):
-            s, m = resized_tile(s_base, c0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1,
-                                pm, ACC)
-            t, _ = resized_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, tr0, tr1, tlr0, tlr1, tq0, tq1, tlq0, tlq1,
-                                pm, ACC)
-            a, b, c, d, e = _tile_sums(s, t, m, s_max, t_max, TEACHER_LOGITS)
-            zs += a
-            zt += b
-            cross += c
-            p_log_p += d
-            p_sum += e
-        log_zs, log_zt, kl, p_sum = _finish(zs, zt, cross, p_log_p, p_sum, pm, TEACHER_LOGITS)
+    s = resized_value(s_base, pm, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1, ACC)
+    t = resized_value(t_base, pm, ts_h, ts_w, tr0, tr1, tlr0, tlr1, tq0, tq1, tlq0, tlq1, ACC)
+    s_max, zs, t_max, zt, cross, p_log_p, p_sum = _online_first(s, t, TEACHER_LOGITS)
+    for c in range(1, C):
+        s = resized_value(s_base + c * ss_c, pm, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1, ACC)
+        t = resized_value(t_base + c * ts_c, pm, ts_h, ts_w, tr0, tr1, tlr0, tlr1, tq0, tq1, tlq0, tlq1, ACC)
+        s_max, zs, t_max, zt, cross, p_log_p, p_sum = _online_update(s_max, zs, t_max, zt, cross, p_log_p, p_sum,
+                                                                     s, t, TEACHER_LOGITS)
+    log_zs, log_zt, kl, p_sum = _finish(zs, zt, cross, p_log_p, p_sum, pm, TEACHER_LOGITS)
     return s_max, log_zs, t_max, log_zt, kl, p_sum
 
 
@@ -414,8 +355,7 @@ def _resized_kl_fwd_kernel(
     C, H, W, hs, ws, ht, wt,
     ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w,
     TEACHER_LOGITS: tl.constexpr, HAS_W: tl.constexpr, REDUCE_NONE: tl.constexpr, STATS: tl.constexpr,
-    FACTOR_PER_PIXEL: tl.constexpr, SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    ACC: tl.constexpr,
+    FACTOR_PER_PIXEL: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
 ):
     """Forward over output pixels: the loss (``STATS=False``: per pixel or per-program partials),
     or the backward's first pass (``STATS=True``): the statistics of every output pixel, with
@@ -427,10 +367,9 @@ def _resized_kl_fwd_kernel(
     pm = offs < N
     Y = offs // W
     X = offs % W
-    offs_c = tl.arange(0, BLOCK_C)
     s_max, log_zs, t_max, log_zt, kl, p_sum = _resized_stats(
         s_ptr + b * ss_b, ss_c, ss_h, ss_w, t_ptr + b * ts_b, ts_c, ts_h, ts_w, Y, X, pm, C, hs, ws, ht, wt, sc_ptr,
-        offs_c, SINGLE, BLOCK_C, BLOCK_P, TEACHER_LOGITS, ACC)
+        TEACHER_LOGITS, ACC)
     if STATS:
         if FACTOR_PER_PIXEL:
             scale = tl.load(f_ptr + b * N + offs, mask=pm, other=0.0).to(ACC)
@@ -600,8 +539,7 @@ def masked_kl_div_size_forward(student_logits, teacher, mask, teacher_is_logits,
     if B * N == 0 or C == 0:
         kl = torch.zeros((B, H, W), dtype=ct, device=dev)
         return kl if reduction == "none" else _reduce(kl, weights, reduction, B * N, ct)
-    block_c, block_p, single = _blocks(C)
-    nprog = triton.cdiv(N, block_p)
+    nprog = triton.cdiv(N, SIZED_PIXEL_BLOCK)
     reduce_none = reduction == "none"
     out = torch.empty((B, N) if reduce_none else (B, nprog), dtype=ct, device=dev)
     with device_guard(student_logits):
@@ -609,8 +547,7 @@ def masked_kl_div_size_forward(student_logits, teacher, mask, teacher_is_logits,
             student_logits, teacher, weights if weights is not None else out, out, out, scales,
             C, H, W, hs, ws, ht, wt, *strides4(student_logits), *strides4(teacher),
             TEACHER_LOGITS=bool(teacher_is_logits), HAS_W=weights is not None, REDUCE_NONE=reduce_none, STATS=False,
-            FACTOR_PER_PIXEL=False, SINGLE=single, BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_dtype(ct),
-            num_warps=NUM_WARPS,
+            FACTOR_PER_PIXEL=False, BLOCK_P=SIZED_PIXEL_BLOCK, ACC=tl_dtype(ct), num_warps=PIXEL_WARPS,
         )
     if reduce_none:
         return out.reshape(B, H, W)
@@ -651,16 +588,16 @@ def masked_kl_div_size_backward(grad_loss, student_logits, teacher, mask, teache
         count = weights.sum() if weights is not None else torch.full((), float(B * N), dtype=ct, device=dev)
         factor = (g.reshape(()) / torch.where(count != 0, count, torch.ones_like(count))).reshape(1)
     stats = torch.empty((B, N_STATS, N), dtype=ct, device=dev)
-    block_c, block_p, single = _blocks(C)
+    block_c = _class_block(C)
     logits = bool(teacher_is_logits)
     with device_guard(student_logits):
-        _resized_kl_fwd_kernel[(triton.cdiv(N, block_p), B)](
+        _resized_kl_fwd_kernel[(triton.cdiv(N, SIZED_PIXEL_BLOCK), B)](
             student_logits, teacher, weights if weights is not None else stats,
             per_pixel if per_pixel is not None else stats, stats, scales,
             C, H, W, hs, ws, ht, wt, *strides4(student_logits), *strides4(teacher),
             TEACHER_LOGITS=logits, HAS_W=weights is not None, REDUCE_NONE=False, STATS=True,
-            FACTOR_PER_PIXEL=per_pixel is not None, SINGLE=single, BLOCK_C=block_c, BLOCK_P=block_p,
-            ACC=tl_dtype(ct), num_warps=NUM_WARPS,
+            FACTOR_PER_PIXEL=per_pixel is not None, BLOCK_P=SIZED_PIXEL_BLOCK, ACC=tl_dtype(ct),
+            num_warps=PIXEL_WARPS,
         )
         for target, grad, (h, w) in ((False, grad_s, (hs, ws)), (True, grad_t, (ht, wt))):
             if grad.numel() == 0:

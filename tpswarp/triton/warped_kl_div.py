@@ -34,19 +34,22 @@ from .._backend import register_python_backend
 from ._utils import (INTERPRET, acc_dtype, cast_to, deterministic, device_guard, empty_like_format, hull_tolerances,
                      in_hull, merged_pixels, next_pow2, pixel_offsets, scatter_rows_deterministic, tl_dtype,
                      tps_backward_partials, tps_param_grads)
-from ._resize import reader_span, readers_begin, resize_scales, resize_tap, resize_weight, resized_tile
-from .masked_kl_div import (_finish, _online_first, _online_update, _pixel_grads, _tile_grads, _tile_stats,
-                            _tile_sums)
+from ._resize import (reader_span, readers_begin, resize_scales, resize_tap, resize_weight, resized_tile,
+                      resized_value)
+from .masked_kl_div import _finish, _online_first, _online_update, _pixel_grads, _tile_grads
 from .tps_warp import _coords
 
 # size=None: pixels per program (forward, backward; each thread owns one or two pixels) and warps.
 PIXEL_BLOCK_FWD = 256 if not INTERPRET else 4096
 PIXEL_BLOCK_BWD = 128 if not INTERPRET else 4096
 PIXEL_WARPS = 4
-# size=(H, W): (classes x pixels) tiles, the classes in chunks above MAX_BLOCK_C.
+# size=(H, W): output pixels per program of the forward / statistics kernel (one sweep over the
+# classes, as without size); the student-gradient gather works on (classes x pixels) tiles, the
+# classes in chunks of at most MAX_BLOCK_C (a grid axis).
+SIZED_PIXEL_BLOCK = 128 if not INTERPRET else 4096
 MAX_BLOCK_C = 64
 TILE_ELEMS = 2048 if not INTERPRET else 16384
-NUM_WARPS = 8  # six (classes x pixels) tiles live in the sized backward
+NUM_WARPS = 8  # the gather's (classes x pixels) tiles
 
 
 @triton.jit
@@ -227,10 +230,9 @@ def _check(student, teacher, src, params, reduction):
                          f"(B, n, 2) and (B, n + 3, 2) with B = {student.shape[0]}")
 
 
-def _blocks(C: int):
-    block_c = min(next_pow2(max(C, 1)), MAX_BLOCK_C)
-    block_p = max(16, min(256 if not INTERPRET else 4096, TILE_ELEMS // block_c))
-    return block_c, block_p, C <= block_c
+def _class_block(C: int) -> int:
+    """Classes per program of the ``size=`` gather kernel (a grid axis over class chunks)."""
+    return min(next_pow2(max(C, 1)), MAX_BLOCK_C)
 
 
 def _setup(student, teacher, src, params):
@@ -358,22 +360,20 @@ N_STATS = 8
 
 
 @triton.jit
-def _resized_warped_teacher(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx,
-                            wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC: tl.constexpr):
-    """Warped teacher (classes x pixels): the four warp taps (top-left ``xi, yi`` in the (H, W)
-    grid of the resized teacher), each the bilinear resize of the low-resolution teacher."""
+def _resized_warped_teacher(p, cm, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx, w00, w10, w01, w11,
+                            m00, m10, m01, m11, ACC: tl.constexpr):
+    """Warped teacher: the four warp taps (top-left ``xi, yi`` in the (H, W) grid of the resized
+    teacher, weights ``w..``, masks ``m..``), each the bilinear resize of the low-resolution teacher.
+    ``p``/``cm``: one class's plane and True (pixel vectors), or a column of planes and of class masks
+    (tiles; see ``resized_value``)."""
     a0, a1, la0, la1 = resize_tap(yi, ht, sc_ty)
     b0, b1, lb0, lb1 = resize_tap(yi + 1, ht, sc_ty)
     e0, e1, le0, le1 = resize_tap(xi, wt, sc_tx)
     f0, f1, lf0, lf1 = resize_tap(xi + 1, wt, sc_tx)
-    v00, _ = resized_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, a0, a1, la0, la1, e0, e1, le0, le1, m00, ACC)
-    v10, _ = resized_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, a0, a1, la0, la1, f0, f1, lf0, lf1, m10, ACC)
-    v01, _ = resized_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, b0, b1, lb0, lb1, e0, e1, le0, le1, m01, ACC)
-    v11, _ = resized_tile(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, b0, b1, lb0, lb1, f0, f1, lf0, lf1, m11, ACC)
-    w00 = tl.where(m00, wx0 * wy0, 0.0)[None, :]
-    w10 = tl.where(m10, wx1 * wy0, 0.0)[None, :]
-    w01 = tl.where(m01, wx0 * wy1, 0.0)[None, :]
-    w11 = tl.where(m11, wx1 * wy1, 0.0)[None, :]
+    v00 = resized_value(p, cm & m00, ts_h, ts_w, a0, a1, la0, la1, e0, e1, le0, le1, ACC)
+    v10 = resized_value(p, cm & m10, ts_h, ts_w, a0, a1, la0, la1, f0, f1, lf0, lf1, ACC)
+    v01 = resized_value(p, cm & m01, ts_h, ts_w, b0, b1, lb0, lb1, e0, e1, le0, le1, ACC)
+    v11 = resized_value(p, cm & m11, ts_h, ts_w, b0, b1, lb0, lb1, f0, f1, lf0, lf1, ACC)
     return w00 * v00 + w10 * v10 + w01 * v01 + w11 * v11
 
 
@@ -383,10 +383,11 @@ def _resized_warped_fwd_kernel(
     C, H, W, hs, ws, ht, wt, n,
     ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w,
     TEACHER_LOGITS: tl.constexpr, REDUCE_NONE: tl.constexpr, STATS: tl.constexpr, FACTOR_PER_PIXEL: tl.constexpr,
-    ALIGN: tl.constexpr, SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
 ):
     """Over output pixels: the loss (per pixel or per-program partials) and the valid counts, or
-    with ``STATS`` the backward's first pass (per-pixel statistics, scale and warp coordinates)."""
+    with ``STATS`` the backward's first pass (per-pixel statistics, scale and warp coordinates).
+    One sweep over the classes (online statistics, as ``_warped_online_stats``)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -398,49 +399,26 @@ def _resized_warped_fwd_kernel(
     part = b * tl.num_programs(0) + pid
     tl.store(cnt_ptr + part, tl.sum(valid.to(ACC), axis=0))
     wx0, wx1, wy0, wy1, m00, m10, m01, m11, xi, yi = _taps(px, py, W, H, valid)
+    w00, w10, w01, w11 = _tap_weights(wx0, wx1, wy0, wy1, m00, m10, m01, m11)
     sc_ty = tl.load(sc_ptr + 2)
     sc_tx = tl.load(sc_ptr + 3)
     sr0, sr1, slr0, slr1 = resize_tap(offs // W, hs, tl.load(sc_ptr))
     sq0, sq1, slq0, slq1 = resize_tap(offs % W, ws, tl.load(sc_ptr + 1))
     s_base = s_ptr + b * ss_b
     t_base = t_ptr + b * ts_b
-    offs_c = tl.arange(0, BLOCK_C)
-    if SINGLE:
-        s, m = resized_tile(s_base, 0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1, valid,
-                            ACC)
-        t = _resized_warped_teacher(t_base, 0, offs_c, C, ts_c, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx,
-                                    wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC)
-        s_max, log_zs, t_max, log_zt, kl, p_sum = _tile_stats(s, t, m, valid, TEACHER_LOGITS)
-    else:
-        s_max = tl.full((BLOCK_P,), float("-inf"), ACC)
-        t_max = tl.full((BLOCK_P,), float("-inf"), ACC)
-        for c0 in range(0, C, BLOCK_C):
-            s, m = resized_tile(s_base, c0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1,
-                                valid, ACC)
-            s_max = tl.maximum(s_max, tl.max(tl.where(m, s, float("-inf")), axis=0))
-            if TEACHER_LOGITS:
-                t = _resized_warped_teacher(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx,
-                                            wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC)
-                t_max = tl.maximum(t_max, tl.max(tl.where(m, t, float("-inf")), axis=0))
-        s_max = tl.where(valid, s_max, 0.0)
-        t_max = tl.where(valid, t_max, 0.0)
-        zs = tl.zeros((BLOCK_P,), ACC)
-        zt = tl.zeros((BLOCK_P,), ACC)
-        cross = tl.zeros((BLOCK_P,), ACC)
-        p_log_p = tl.zeros((BLOCK_P,), ACC)
-        p_sum = tl.zeros((BLOCK_P,), ACC)
-        for c0 in range(0, C, BLOCK_C):
-            s, m = resized_tile(s_base, c0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1,
-                                valid, ACC)
-            t = _resized_warped_teacher(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx,
-                                        wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC)
-            a, b_, c, d, e = _tile_sums(s, t, m, s_max, t_max, TEACHER_LOGITS)
-            zs += a
-            zt += b_
-            cross += c
-            p_log_p += d
-            p_sum += e
-        log_zs, log_zt, kl, p_sum = _finish(zs, zt, cross, p_log_p, p_sum, valid, TEACHER_LOGITS)
+    s = resized_value(s_base, valid, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1, ACC)
+    t = _resized_warped_teacher(t_base, valid, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx, w00, w10, w01, w11,
+                                m00, m10, m01, m11, ACC)
+    s_max, zs, t_max, zt, cross, p_log_p, p_sum = _online_first(s, t, TEACHER_LOGITS)
+    for c in range(1, C):
+        s = resized_value(s_base + c * ss_c, valid, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1, ACC)
+        t = _resized_warped_teacher(t_base + c * ts_c, valid, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx,
+                                    w00, w10, w01, w11, m00, m10, m01, m11, ACC)
+        s_max, zs, t_max, zt, cross, p_log_p, p_sum = _online_update(s_max, zs, t_max, zt, cross, p_log_p, p_sum,
+                                                                     s, t, TEACHER_LOGITS)
+    log_zs, log_zt, kl, p_sum = _finish(zs, zt, cross, p_log_p, p_sum, valid, TEACHER_LOGITS)
+    s_max = tl.where(valid, s_max, 0.0)
+    t_max = tl.where(valid, t_max, 0.0)
     if STATS:
         if FACTOR_PER_PIXEL:
             scale = tl.load(f_ptr + b * P + offs, mask=pm, other=0.0).to(ACC)
@@ -491,7 +469,8 @@ def _resized_warped_gather_kernel(
     bx = readers_begin(x, sc_sx)
     offs_c = tl.arange(0, BLOCK_C)
     s_base = s_ptr + b * ss_b
-    t_base = t_ptr + b * ts_b
+    t_planes = t_ptr + b * ts_b + (c0 + offs_c)[:, None] * ts_c
+    cm = (c0 + offs_c < C)[:, None]
     st = st_ptr + b * (8 * P)
     factor = tl.load(f_ptr).to(ACC)
     acc = tl.zeros((BLOCK_C, BLOCK_P), ACC)
@@ -518,8 +497,9 @@ def _resized_warped_gather_kernel(
             wx0, wx1, wy0, wy1, m00, m10, m01, m11, xi, yi = _taps(px, py, W, H, live)
             s, m = resized_tile(s_base, c0, offs_c, C, ss_c, ss_h, ss_w, sr0, sr1, slr0, slr1, sq0, sq1, slq0, slq1,
                                 live, ACC)
-            t = _resized_warped_teacher(t_base, c0, offs_c, C, ts_c, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx,
-                                        wx0, wx1, wy0, wy1, m00, m10, m01, m11, ACC)
+            w00, w10, w01, w11 = _tap_weights(wx0, wx1, wy0, wy1, m00, m10, m01, m11)
+            t = _resized_warped_teacher(t_planes, cm, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx, w00, w10, w01, w11,
+                                        m00, m10, m01, m11, ACC)
             gs, _ = _tile_grads(s, t, m, s_max, log_zs, t_max, log_zt, tl.zeros_like(s_max), p_sum, scale * factor,
                                 TEACHER_LOGITS)
             acc += (wy * wx)[None, :] * gs
@@ -564,8 +544,7 @@ def warped_kl_div_size_forward(student_logits, teacher, src, params, teacher_is_
     if B * H * W == 0 or C == 0:
         kl = torch.zeros((B, H, W), dtype=out_dtype, device=dev)
         return kl if reduction == "none" else kl.sum()
-    block_c, block_p, single = _blocks(C)
-    nprog = triton.cdiv(H * W, block_p)
+    nprog = triton.cdiv(H * W, SIZED_PIXEL_BLOCK)
     reduce_none = reduction == "none"
     out = torch.empty((B, H * W) if reduce_none else (B, nprog), dtype=ct, device=dev)
     counts = torch.empty((B, nprog), dtype=ct, device=dev)
@@ -574,8 +553,7 @@ def warped_kl_div_size_forward(student_logits, teacher, src, params, teacher_is_
             student_logits, teacher, src_c, par_c, out, out, counts, hull_tolerances(H, W, ct, dev), scales,
             C, H, W, hs, ws, ht, wt, src.shape[1], *student_logits.stride(), *teacher.stride(),
             TEACHER_LOGITS=bool(teacher_is_logits), REDUCE_NONE=reduce_none, STATS=False, FACTOR_PER_PIXEL=False,
-            ALIGN=bool(align_corners), SINGLE=single, BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_dtype(ct),
-            num_warps=NUM_WARPS,
+            ALIGN=bool(align_corners), BLOCK_P=SIZED_PIXEL_BLOCK, ACC=tl_dtype(ct), num_warps=PIXEL_WARPS,
         )
     if reduce_none:
         loss = out.reshape(B, H, W)
@@ -641,8 +619,8 @@ def warped_kl_div_size_backward(grad_loss, student_logits, teacher, src, params,
     dev = student_logits.device
     if B * H * W == 0 or C == 0:
         return grad_s.zero_(), grad_t, g_src, g_params
-    block_c, block_p, single = _blocks(C)
-    nprog = triton.cdiv(H * W, block_p)
+    block_c = _class_block(C)
+    nprog = triton.cdiv(H * W, SIZED_PIXEL_BLOCK)
     g = grad_loss.to(ct)
     per_pixel = g.reshape(B, H * W).contiguous() if reduction == "none" else None
     stats = torch.empty((B, N_STATS, H * W), dtype=ct, device=dev)
@@ -653,8 +631,8 @@ def warped_kl_div_size_backward(grad_loss, student_logits, teacher, src, params,
             hull_tolerances(H, W, ct, dev), scales,
             C, H, W, hs, ws, ht, wt, src.shape[1], *student_logits.stride(), *teacher.stride(),
             TEACHER_LOGITS=bool(teacher_is_logits), REDUCE_NONE=False, STATS=True,
-            FACTOR_PER_PIXEL=per_pixel is not None, ALIGN=bool(align_corners), SINGLE=single, BLOCK_C=block_c,
-            BLOCK_P=block_p, ACC=tl_dtype(ct), num_warps=NUM_WARPS,
+            FACTOR_PER_PIXEL=per_pixel is not None, ALIGN=bool(align_corners), BLOCK_P=SIZED_PIXEL_BLOCK,
+            ACC=tl_dtype(ct), num_warps=PIXEL_WARPS,
         )
         if reduction == "none":
             factor = torch.ones(1, dtype=ct, device=dev)
