@@ -17,29 +17,16 @@ import torch
 
 import tpswarp
 from tpswarp import reference
-from tpswarp.testing import assert_close, quadrant_points
+from tpswarp.testing import assert_close, ordered_logits, quadrant_points
 
 F64 = torch.float64
 ORDERS = [("ascending", "descending"), ("descending", "ascending"), ("zigzag", "ascending"), ("zigzag", "zigzag")]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def ordered_logits(shape, order, seed):
-    """float64 logits whose per-pixel maximum over the classes moves where ``order`` says; the classes
-    span 40, plus noise."""
-    C = shape[1]
-    base = torch.linspace(-20.0, 20.0, C, dtype=F64)
-    if order == "descending":
-        base = base.flip(0)
-    elif order == "zigzag":
-        base = torch.where(torch.arange(C) % 2 == 0, base, -base)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return base.view([1, C] + [1] * (len(shape) - 2)) + 0.5 * noise
-
-
 def _pair(shape_s, shape_t, orders, teacher_is_logits):
-    s = ordered_logits(shape_s, orders[0], 0)
-    t = ordered_logits(shape_t, orders[1], 1)
+    s = ordered_logits(shape_s, orders[0], seed=0)
+    t = ordered_logits(shape_t, orders[1], seed=1)
     return s, (t if teacher_is_logits else torch.softmax(t / 8.0, dim=1))
 
 

@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 import tpswarp  # noqa: E402
 from tpswarp import reference  # noqa: E402
-from tpswarp.testing import assert_close, non_contiguous, random_tps, to_channels_last  # noqa: E402
+from tpswarp.testing import assert_close, non_contiguous, ordered_logits, random_tps, to_channels_last  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 F32, F64 = torch.float32, torch.float64
@@ -159,20 +159,6 @@ def test_masked_kl_div_spatial_ranks(shape):
     kl_compare(s, t, None, True, "mean")
 
 
-def ordered_logits(shape, order, seed):
-    """float64 logits whose per-pixel maximum over the classes moves where ``order`` says: at every
-    class ("ascending"), never after class 0 ("descending"), at every other class ("zigzag"); the
-    classes span 40 (plus noise), so the online sums are rescaled by large factors."""
-    C = shape[1]
-    base = torch.linspace(-20.0, 20.0, C, dtype=F64)
-    if order == "descending":
-        base = base.flip(0)
-    elif order == "zigzag":
-        base = torch.where(torch.arange(C) % 2 == 0, base, -base)
-    view = [1, C] + [1] * (len(shape) - 2)
-    return base.view(view) + randn(*shape, dtype=F64, scale=0.5, seed=seed)
-
-
 ORDERS = [("ascending", "descending"), ("descending", "ascending"), ("zigzag", "ascending"), ("zigzag", "zigzag")]
 
 
@@ -181,8 +167,8 @@ ORDERS = [("ascending", "descending"), ("descending", "ascending"), ("zigzag", "
 def test_masked_kl_div_online_statistics(teacher_is_logits, orders):
     """One sweep over the classes with running maxima (37 classes): the student's and the teacher's
     maxima grow at different classes, and loss and gradients still match the reference."""
-    s = ordered_logits((2, 37, 3, 5), orders[0], seed=0)
-    t = ordered_logits((2, 37, 3, 5), orders[1], seed=1)
+    s = ordered_logits((2, 37, 3, 5), orders[0], seed=0).to(DEVICE)
+    t = ordered_logits((2, 37, 3, 5), orders[1], seed=1).to(DEVICE)
     if not teacher_is_logits:
         t = torch.softmax(t / 8.0, dim=1)
     kl_compare(s, t, make_mask("float", 2, (3, 5), F64), teacher_is_logits, "mean")
@@ -396,8 +382,8 @@ def test_warped_kl_div_layouts_and_teacher_size(kind):
 @pytest.mark.parametrize("orders", ORDERS)
 def test_warped_kl_div_online_statistics(teacher_is_logits, orders):
     """The warped teacher's online statistics: maxima that grow at different classes (37 classes)."""
-    s = ordered_logits((2, 37, 4, 5), orders[0], seed=0)
-    t = ordered_logits((2, 37, 5, 6), orders[1], seed=1)
+    s = ordered_logits((2, 37, 4, 5), orders[0], seed=0).to(DEVICE)
+    t = ordered_logits((2, 37, 5, 6), orders[1], seed=1).to(DEVICE)
     if not teacher_is_logits:
         t = torch.softmax(t / 8.0, dim=1)
     src, params = tps(2, F64, scale=0.3)

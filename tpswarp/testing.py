@@ -65,3 +65,21 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
     big = torch.empty((*t.shape[:-1], t.shape[-1] * 2), dtype=t.dtype, device=t.device)
     big[..., ::2] = t
     return big[..., ::2]
+
+
+def ordered_logits(shape, order: str, *, seed: int = 0, spread: float = 40.0, noise: float = 0.5,
+                   dtype=torch.float64) -> torch.Tensor:
+    """Logits ``(B, C, *spatial)`` whose per-pixel maximum over the classes moves where ``order`` says:
+    at every class (``"ascending"``), never after class 0 (``"descending"``), at every other class
+    (``"zigzag"``). The classes span ``spread``, plus Gaussian ``noise``: one-sweep (online) softmax
+    statistics must rescale their running sums, by large factors."""
+    C = shape[1]
+    base = torch.linspace(-spread / 2, spread / 2, C, dtype=torch.float64)
+    if order == "descending":
+        base = base.flip(0)
+    elif order == "zigzag":
+        base = torch.where(torch.arange(C) % 2 == 0, base, -base)
+    elif order != "ascending":
+        raise ValueError(f"ordered_logits: `order` must be 'ascending', 'descending' or 'zigzag', got {order!r}")
+    rand = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (base.view([1, C] + [1] * (len(shape) - 2)) + noise * rand).to(dtype)

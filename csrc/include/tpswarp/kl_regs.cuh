@@ -33,7 +33,6 @@ __device__ __forceinline__ void kl_load_regs(const LoadS& load_s, const LoadT& l
 template <int MAX_C, typename acc>
 __device__ __forceinline__ KLPixel<acc> kl_pixel_regs(const acc (&s)[MAX_C], const acc (&t)[MAX_C], int C,
                                                       bool teacher_is_logits) {
-  KLPixel<acc> r;
   acc s_max = s[0];
   acc t_max = t[0];
 #pragma unroll
@@ -62,20 +61,7 @@ __device__ __forceinline__ KLPixel<acc> kl_pixel_regs(const acc (&s)[MAX_C], con
       }
     }
   }
-  r.s_max = s_max;
-  r.log_zs = log_(zs);
-  if (teacher_is_logits) {
-    r.t_max = t_max;
-    r.log_zt = log_(zt);
-    r.p_sum = 1;
-    r.kl = cross / zt - r.log_zt + r.log_zs;
-  } else {
-    r.t_max = 0;
-    r.log_zt = 0;
-    r.p_sum = p_sum;
-    r.kl = p_log_p - cross + r.log_zs * p_sum;
-  }
-  return r;
+  return kl_finish<acc>(s_max, zs, t_max, zt, cross, p_log_p, p_sum, teacher_is_logits);
 }
 
 // kl_pixel_grad_loaded on register arrays: store_s(c, g) / store_t(c, g) for c < C only. The
