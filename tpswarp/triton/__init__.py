@@ -15,6 +15,11 @@ under ``TRITON_INTERPRET=1`` (Triton's interpreter, which the CPU tests use).
 | ``tps_solve``, ``tps_transform`` | none: a few dozen flops per batch item or point, so the |
 |  | "triton" backend serves them with the reference (PyTorch ops on the same device). |
 
+The KL kernels give each thread its own pixels and sweep the classes one at a time, with the
+statistics online in one sweep (running maxima): per-pixel sums over the classes never cross
+threads (``python benchmarks/kernel_resources.py`` lists the barriers and shuffles of every kernel
+compiled for sm_90, no GPU needed).
+
 ``size=(H, W)`` of ``masked_kl_div`` / ``warped_kl_div`` (``_resize.py``, the taps of
 ``csrc/include/tpswarp/upsample.h``): the low-resolution student and teacher are read through the
 bilinear taps of ``F.interpolate(mode="bilinear", align_corners=False)``, so no B x C x H x W
