@@ -24,7 +24,10 @@ from ._utils import (INTERPRET, acc_dtype, cast_to, deterministic, device_guard,
                      in_hull, merged_pixels, normalized_to_pixel, pixel_offsets, pixel_to_normalized,
                      scatter_rows_deterministic, tl_dtype, tps_backward_partials, tps_eval, tps_param_grads)
 
-BLOCK = 256 if not INTERPRET else 4096
+# Output pixels per program, one per thread (4 warps): the gathers and the contiguous loads and stores
+# then share one layout, with no layout conversion through shared memory (which 2 pixels per thread
+# cost: 19 barriers in the sm_90 forward, benchmarks/kernel_resources.py).
+BLOCK = 128 if not INTERPRET else 4096
 _PADDING = {"zeros": 0, "border": 1, "reflection": 2}
 _MODES = ("bilinear", "nearest")
 

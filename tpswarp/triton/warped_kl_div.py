@@ -39,8 +39,9 @@ from ._resize import (reader_span, readers_begin, resize_scales, resize_tap, res
 from .masked_kl_div import _finish, _online_first, _online_update, _pixel_grads, _tile_grads
 from .tps_warp import _coords
 
-# size=None: pixels per program (forward, backward; each thread owns one or two pixels) and warps.
-PIXEL_BLOCK_FWD = 256 if not INTERPRET else 4096
+# size=None: pixels per program (forward, backward) and warps: one pixel per thread, so the student's
+# contiguous loads and the teacher's gathers share one layout (no conversion through shared memory).
+PIXEL_BLOCK_FWD = 128 if not INTERPRET else 4096
 PIXEL_BLOCK_BWD = 128 if not INTERPRET else 4096
 PIXEL_WARPS = 4
 # size=(H, W): output pixels per program of the forward / statistics kernel (one sweep over the
