@@ -27,6 +27,9 @@
 #                                           # full bandwidth run, the Triton rows of BASELINE's package
 #                                           # (a git worktree on PYTHONPATH), then this checkout's again:
 #                                           # triton_baseline.csv between bandwidth.csv and triton_again.csv
+#   BASELINE_SRC=dir                        # the same from a directory holding the baseline's tpswarp/
+#                                           # (no git needed there), e.g. made beforehand with
+#                                           # mkdir -p .baseline && git archive REV tpswarp | tar x -C .baseline
 set -uo pipefail
 set -x
 
@@ -149,14 +152,20 @@ for bench in benchmarks/bench_*.py; do
   fi
 done
 step gpu_bandwidth $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG --out "$OUT"
-if [ -n "${BASELINE:-}" ]; then
+# triton_ab DIR: the Triton rows of the tpswarp package in DIR (this script's gpu_bandwidth.py; no _C
+# there, so Triton serves CUDA), then this checkout's again.
+triton_ab() {
+  step triton_baseline env PYTHONPATH="$1" $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG \
+    --backends triton --streaming-only --out "$OUT" --name triton_baseline
+  step triton_again $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG --backends triton --streaming-only \
+    --out "$OUT" --name triton_again
+}
+if [ -n "${BASELINE_SRC:-}" ]; then
+  triton_ab "$(cd "$BASELINE_SRC" && pwd)"
+elif [ -n "${BASELINE:-}" ]; then
   BASE_SRC=$(mktemp -d /tmp/tpswarp-baseline.XXXXXX)
   if git worktree add --detach "$BASE_SRC" "$BASELINE" > "$OUT/baseline_worktree.log" 2>&1; then
-    # this script's gpu_bandwidth.py, the baseline's tpswarp package (no _C there: Triton serves CUDA)
-    step triton_baseline env PYTHONPATH="$BASE_SRC" $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG \
-      --backends triton --streaming-only --out "$OUT" --name triton_baseline
-    step triton_again $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG --backends triton --streaming-only \
-      --out "$OUT" --name triton_again
+    triton_ab "$BASE_SRC"
     git worktree remove --force "$BASE_SRC" >> "$OUT/baseline_worktree.log" 2>&1
   else
     echo "baseline worktree of $BASELINE failed (baseline_worktree.log)" | tee -a "$STATUS"
