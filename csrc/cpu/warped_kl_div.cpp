@@ -447,8 +447,9 @@ void block_kl_grad(const Problem& pb, int64_t P, const acc* s, int64_t scs, cons
     if (kl)
       for (int64_t p = 0; p < P; ++p) kl[p] = st.kl[p];
   } else {
+    const bool one_sweep = cpu::kl_one_sweep();
     for (int64_t p = 0; p < P; ++p) {
-      const auto st = kl_pixel<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits, cpu::kl_one_sweep());
+      const auto st = kl_pixel<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits, one_sweep);
       kl_pixel_grad<acc>(s + p, scs, tbuf + p, kBlock, pb.C, pb.logits, st, scale[p], gs ? gs + p : nullptr, gscs,
                          gtbuf ? gtbuf + p : nullptr, kBlock);
       if (kl) kl[p] = st.kl;

@@ -365,8 +365,8 @@ def _resized_warped_teacher(p, cm, ts_h, ts_w, xi, yi, ht, wt, sc_ty, sc_tx, w00
                             m00, m10, m01, m11, ACC: tl.constexpr):
     """Warped teacher: the four warp taps (top-left ``xi, yi`` in the (H, W) grid of the resized
     teacher, weights ``w..``, masks ``m..``), each the bilinear resize of the low-resolution teacher.
-    ``p``/``cm``: one class's plane and True (pixel vectors), or a column of planes and of class masks
-    (tiles; see ``resized_value``)."""
+    ``p``/``cm``: one class's plane and a pixel mask (pixel vectors), or a column of planes and of
+    class masks (tiles; see ``resized_value``)."""
     a0, a1, la0, la1 = resize_tap(yi, ht, sc_ty)
     b0, b1, lb0, lb1 = resize_tap(yi + 1, ht, sc_ty)
     e0, e1, le0, le1 = resize_tap(xi, wt, sc_tx)

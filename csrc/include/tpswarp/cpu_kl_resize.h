@@ -125,8 +125,9 @@ inline void block_stats(bool logits, int64_t C, int64_t P, const acc* sbuf, cons
       }
     }
   } else {
+    const bool one_sweep = kl_one_sweep();
     for (int64_t p = 0; p < P; ++p) {
-      const auto r = kl_pixel<acc>(sbuf + p, kKLBlock, tbuf + p, kKLBlock, C, logits, kl_one_sweep());
+      const auto r = kl_pixel<acc>(sbuf + p, kKLBlock, tbuf + p, kKLBlock, C, logits, one_sweep);
       kl[p] = r.kl;
       if (st) {
         st->lse_s[o + p] = r.s_max + r.log_zs;
