@@ -23,6 +23,7 @@
 #   BENCHES="masked_kl_div warped_kl_div"   # only these benchmarks/bench_<name>.py (default: all)
 #   KL_AB=1                                 # rerun the KL benchmarks with TPSWARP_CUDA_KL_REGS=0 (generic path)
 #   MEMORY_ARGS="--model rn34"              # arguments of benchmarks/memory_consistency.py --device cuda
+#   MEMORY=0                                # skip benchmarks/memory_consistency.py
 #   BASELINE=<git revision>                 # A/B of the Triton kernels (pure Python, no build): after the
 #                                           # full bandwidth run, the Triton rows of BASELINE's package
 #                                           # (a git worktree on PYTHONPATH), then this checkout's again:
@@ -174,7 +175,7 @@ elif [ -n "${BASELINE:-}" ]; then
 fi
 # One iteration of Algorithm 1, CUDA allocator and the CPU tracker (issue #5).
 # shellcheck disable=SC2086
-step memory_consistency $PYTHON benchmarks/memory_consistency.py --device cuda ${MEMORY_ARGS:-} --out "$OUT"
+[ "${MEMORY:-1}" = "0" ] || step memory_consistency $PYTHON benchmarks/memory_consistency.py --device cuda ${MEMORY_ARGS:-} --out "$OUT"
 # The benchmarks append their CSV rows to benchmarks/results/*.csv; keep a copy with this run.
 cp benchmarks/results/*.csv "$OUT/" 2>/dev/null || true
 
