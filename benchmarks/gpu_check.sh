@@ -18,6 +18,8 @@
 #   BUILD_INPLACE=1                         # python setup.py build_ext --inplace instead of pip -e
 #   WORKERS=8                               # run the GPU tests with pytest-xdist on 8 workers
 #   GPU_ONLY=1                              # skip the CPU suite and the CPU-only benchmarks
+#   TRITON_TESTS=0                          # skip the Triton kernel tests on the GPU (tests/test_cuda.py
+#                                           # still runs both backends)
 #   ARCHIVE=path.tgz                        # after every step, pack the results folder there (the archive
 #                                           # itself is left out when it lies inside that folder)
 #   BENCHES="masked_kl_div warped_kl_div"   # only these benchmarks/bench_<name>.py (default: all)
@@ -27,10 +29,18 @@
 #   BASELINE=<git revision>                 # A/B of the Triton kernels (pure Python, no build): after the
 #                                           # full bandwidth run, the Triton rows of BASELINE's package
 #                                           # (a git worktree on PYTHONPATH), then this checkout's again:
-#                                           # triton_baseline.csv between bandwidth.csv and triton_again.csv
+#                                           # ab_baseline.csv between bandwidth.csv and ab_again.csv
 #   BASELINE_SRC=dir                        # the same from a directory holding the baseline's tpswarp/
 #                                           # (no git needed there), e.g. made beforehand with
-#                                           # mkdir -p .baseline && git archive REV tpswarp | tar x -C .baseline
+#                                           # mkdir -p .baseline && git archive REV tpswarp | tar x -C .baseline;
+#                                           # with its setup.py and csrc/ too (git archive REV setup.py csrc
+#                                           # tpswarp) the baseline's extension is built in place alongside
+#                                           # this one's (half the jobs each) and the A/B covers the CUDA
+#                                           # kernels as well
+#   AB_BACKENDS=cpp                         # the backends of the A/B rows (default: triton, or cpp,triton
+#                                           # when the baseline has its own build)
+#   NCU=1                                   # Nsight Compute report of the CUDA kernels of every streaming op
+#                                           # (benchmarks/profile_ops.py), CSV in ncu.log
 set -uo pipefail
 set -x
 
@@ -102,14 +112,28 @@ PY
 cat "$OUT/environment.txt" "$OUT/versions.json"
 
 # ---------------------------------------------------------------------------------- build
+BASE_BUILD=0
+if [ -n "${BASELINE_SRC:-}" ] && [ -f "$BASELINE_SRC/setup.py" ] && [ "${SKIP_BUILD:-0}" != "1" ]; then BASE_BUILD=1; fi
 if [ "${SKIP_BUILD:-0}" != "1" ]; then
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
   export TPSWARP_FORCE_CUDA=1
+  if [ "$BASE_BUILD" = "1" ]; then
+    # the baseline's extension, in place in its own directory, while this checkout's builds
+    (cd "$BASELINE_SRC" && MAX_JOBS=$(( (MAX_JOBS + 1) / 2 )) $PYTHON setup.py build_ext --inplace) \
+      > "$OUT/build_baseline.log" 2>&1 &
+    BASE_PID=$!
+    export MAX_JOBS=$(( (MAX_JOBS + 1) / 2 ))
+  fi
   if [ "${BUILD_INPLACE:-0}" = "1" ]; then
     step build $PYTHON setup.py build_ext --inplace
   else
     step build $PYTHON -m pip install -v --no-build-isolation -e .
+  fi
+  if [ "$BASE_BUILD" = "1" ]; then
+    wait "$BASE_PID"
+    echo "build_baseline rc=$?" | tee -a "$STATUS"
+    tail -n 5 "$OUT/build_baseline.log"
   fi
 fi
 step backends $PYTHON -c "import json, tpswarp; print(json.dumps(tpswarp.backends(), indent=1))"
@@ -119,8 +143,8 @@ step backends $PYTHON -c "import json, tpswarp; print(json.dumps(tpswarp.backend
 XDIST=()
 [ -n "${WORKERS:-}" ] && XDIST=(-n "$WORKERS")
 step test_cuda $PYTHON -m pytest -q -rs "${XDIST[@]}" tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
-# The Triton kernel tests on CUDA tensors (no interpreter).
-step test_triton_gpu env -u TRITON_INTERPRET $PYTHON -m pytest -q -rs "${XDIST[@]}" tests/test_triton.py tests/test_triton_kl_size.py \
+# The Triton kernel tests on CUDA tensors (no interpreter); TRITON_TESTS=0 skips them.
+[ "${TRITON_TESTS:-1}" = "0" ] || step test_triton_gpu env -u TRITON_INTERPRET $PYTHON -m pytest -q -rs "${XDIST[@]}" tests/test_triton.py tests/test_triton_kl_size.py \
   --junitxml="$OUT/test_triton_gpu.xml"
 # The whole suite with the GPU build (CPU tests: reference and C++ backends; CUDA tests again).
 if [ "${GPU_ONLY:-0}" != "1" ]; then
@@ -153,25 +177,33 @@ for bench in benchmarks/bench_*.py; do
   fi
 done
 step gpu_bandwidth $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG --out "$OUT"
-# triton_ab DIR: the Triton rows of the tpswarp package in DIR (this script's gpu_bandwidth.py; no _C
-# there, so Triton serves CUDA), then this checkout's again.
-triton_ab() {
-  step triton_baseline env PYTHONPATH="$1" $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG \
-    --backends triton --streaming-only --out "$OUT" --name triton_baseline
-  step triton_again $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG --backends triton --streaming-only \
-    --out "$OUT" --name triton_again
+# baseline_ab DIR: the A/B rows (AB_BACKENDS) of the tpswarp package in DIR (this script's gpu_bandwidth.py;
+# without a build there, Triton serves CUDA), then this checkout's again.
+baseline_ab() {
+  local backends=${AB_BACKENDS:-triton}
+  if [ -z "${AB_BACKENDS:-}" ] && ls "$1"/tpswarp/_C*.so > /dev/null 2>&1; then backends=cpp,triton; fi
+  step ab_baseline env PYTHONPATH="$1" $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG \
+    --backends "$backends" --streaming-only --out "$OUT" --name ab_baseline
+  step ab_again $PYTHON benchmarks/gpu_bandwidth.py --device cuda $QUICK_FLAG --backends "$backends" --streaming-only \
+    --out "$OUT" --name ab_again
 }
 if [ -n "${BASELINE_SRC:-}" ]; then
-  triton_ab "$(cd "$BASELINE_SRC" && pwd)"
+  baseline_ab "$(cd "$BASELINE_SRC" && pwd)"
 elif [ -n "${BASELINE:-}" ]; then
   BASE_SRC=$(mktemp -d /tmp/tpswarp-baseline.XXXXXX)
   if git worktree add --detach "$BASE_SRC" "$BASELINE" > "$OUT/baseline_worktree.log" 2>&1; then
-    triton_ab "$BASE_SRC"
+    baseline_ab "$BASE_SRC"
     git worktree remove --force "$BASE_SRC" >> "$OUT/baseline_worktree.log" 2>&1
   else
     echo "baseline worktree of $BASELINE failed (baseline_worktree.log)" | tee -a "$STATUS"
     FAILED=1
   fi
+fi
+if [ "${NCU:-0}" = "1" ]; then
+  NCU_BIN=${NCU_BIN:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | tail -n 1)}
+  step ncu "${NCU_BIN:-ncu}" --clock-control none --kernel-name-base demangled -k regex:tpswarp --csv --page details \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    --section WarpStateStats $PYTHON benchmarks/profile_ops.py --backend cpp --warmup 0
 fi
 # One iteration of Algorithm 1, CUDA allocator and the CPU tracker (issue #5).
 # shellcheck disable=SC2086

@@ -294,6 +294,42 @@ def test_tps_warp_modes(backend, mode, padding_mode, align_corners):
     compare(backend, "tps_warp", fn, ref, inputs, mask)
 
 
+# The TPS gradients for other control-point counts: the register tiers of tps_grad_regs.cuh (n <= 4 and
+# n <= 16, also below the tier's size) and, for tps_warp, the per-point block reductions beyond 16. With
+# 64 items of 97 x 131 pixels the capped backward grid (about 2048 blocks in all) makes every thread
+# stride over several pixels.
+@pytest.mark.parametrize("n", [3, 4, 9, 16, 17])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_tps_warp_control_points(backend, n, dtype):
+    src, _, params = tps(64, dtype, scale=0.3, seed=11, n=n)
+    image = smooth(64, 3, 97, 131, dtype=dtype, seed=12)
+    compare(backend, "tps_warp", lambda x, s, p: tpswarp.tps_warp(x, s, p),
+            lambda x, s, p: reference.tps_warp(x, s, p), (image, src, params), (True, True, True), loose=dtype == F32)
+
+
+@pytest.mark.parametrize("n", [3, 4, 9, 16])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_warped_kl_control_points(backend, n, dtype):
+    s, _ = kl_inputs((64, 5, 41, 53), dtype, True)
+    t = (2 * smooth(64, 5, 41, 53, dtype=F64, seed=13)).to(dtype)
+    src, _, params = tps(64, dtype, seed=14, n=n)
+    compare(backend, "warped_kl_div", lambda a, b, c, p: tpswarp.warped_kl_div(a, b, c, p, teacher_is_logits=True),
+            lambda a, b, c, p: reference.warped_kl_div(a, b, c, p, teacher_is_logits=True), (s, t, src, params),
+            (True, False, True, True), loose=dtype == F32)
+
+
+def test_warped_kl_too_many_control_points_for_cuda():
+    s, t = kl_inputs((2, 4, 9, 11), F32, True)
+    src, _, params = tps(2, F32, n=17)
+    ctx = use("cpp", "warped_kl_div")
+    try:
+        loss = tpswarp.warped_kl_div(s, t, src, params.requires_grad_(), teacher_is_logits=True)
+        with pytest.raises(ValueError, match="at most 16 control points, got n=17"):
+            loss.backward()
+    finally:
+        ctx.__exit__(None, None, None)
+
+
 def test_tps_warp_labels(backend):
     src, _, params = tps(2, F32, scale=0.4)
     labels = (rand(2, 1, 64, 80) * 19).floor().to(torch.uint8)

@@ -7,9 +7,12 @@
 //   the atomic additions varies between runs, so this part is NOT deterministic; with
 //   torch.use_deterministic_algorithms(True) it raises (alertNotDeterministic) when the image
 //   gradient is requested. (A deterministic gather formulation is left for later.)
-// - src / params gradients: deterministic. Each block (256 pixels of one batch item) reduces its
-//   threads' contributions with a fixed tree (warp shuffles, then across warps) into a partial
-//   buffer (B, blocks, P); a second kernel sums the blocks in order. No host synchronization.
+// - src / params gradients: deterministic. Each thread sums its pixels' terms in registers
+//   (tpswarp/tps_grad_regs.cuh, n <= 16 control points; the grid is capped so that a thread has
+//   several pixels), each block reduces its threads with a fixed tree (warp shuffles, then the warps
+//   in order) into a partial buffer (B, blocks, P), and a second kernel sums the blocks in order.
+//   More than 16 control points: one pixel per thread and a block reduction per control point.
+//   No host synchronization.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -27,6 +30,7 @@
 #include "tpswarp/sampling.h"
 #include "tpswarp/show.h"
 #include "tpswarp/tps.h"
+#include "tpswarp/tps_grad_regs.cuh"
 #include "tpswarp/warp_args.h"
 
 namespace tpswarp {
@@ -35,6 +39,7 @@ namespace {
 constexpr const char* kOp = "tps_warp";
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+constexpr int kStrideBlocks = 2048;  // blocks of the backward kernel in all, about (see tps_warp_backward_cuda)
 
 template <typename acc> struct GeoArgs {
   int64_t B, C, H, W, Ho, Wo, n;
@@ -124,14 +129,84 @@ template <typename acc, int K> __device__ inline void block_sum(acc (&v)[K], acc
   __syncthreads();  // `shared` may be reused right after
 }
 
-// grid (blocks per batch item, min(B, 65535)), kThreads threads. `grad_image` (compute dtype,
-// strides gis) is null when not requested; `partials` (B, gridDim.x, P) is null when the TPS
-// gradients are not requested (or the mode is nearest).
+// One output pixel p of item b: scatters its image gradient (grad_image non-null) and returns the
+// gradient w.r.t. its TPS value f(q) (zero unless want_coord, which requires bilinear mode).
 template <typename scalar_t, typename acc>
+__device__ __forceinline__ Vec2<acc> pixel_backward(const GeoArgs<acc>& g, Interp mode, const scalar_t* __restrict__ image,
+                                                    const Strides4& is, const scalar_t* __restrict__ grad_out,
+                                                    const Strides4& gs, acc* grad_image, const Strides4& gis,
+                                                    bool want_coord, acc fill, int64_t b, int64_t i, int64_t j, acc qx,
+                                                    acc qy) {
+  const int64_t n = g.n;
+  const auto f = tps_eval<acc>(qx, qy, g.src + b * 2 * n, g.params + b * 2 * (n + 3), n);
+  const scalar_t* go = grad_out + b * gs.b + i * gs.h + j * gs.w;
+  if (mode == Interp::Nearest) {
+    if (grad_image) {
+      const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners);
+      const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners);
+      const NearestTap tap = nearest_tap(px, py, g.H, g.W);
+      if (tap.inside) {
+        acc* gp = grad_image + b * gis.b + tap.y * gis.h + tap.x * gis.w;
+        for (int64_t c = 0; c < g.C; ++c) atomicAdd(gp + c * gis.c, static_cast<acc>(go[c * gs.c]));
+      }
+    }
+    return {acc(0), acc(0)};
+  }
+  acc dpx = 0, dpy = 0;
+  const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners, &dpx);
+  const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners, &dpy);
+  const auto tap = bilinear_tap(px, py, g.H, g.W);
+  const scalar_t* img = image + b * is.b;
+  acc gpx = 0, gpy = 0;
+  for (int64_t c = 0; c < g.C; ++c) {
+    const acc gc = static_cast<acc>(go[c * gs.c]);
+    if (want_coord) {
+      const auto d = bilinear_sample_coord_grad(img + c * is.c, is.h, is.w, tap, fill, gc);
+      gpx += d.x;
+      gpy += d.y;
+    }
+    if (grad_image) {
+      acc* gp = grad_image + b * gis.b + c * gis.c;
+      bilinear_scatter(tap, gis.h, gis.w, gc, [gp](int64_t off, acc value) { atomicAdd(gp + off, value); });
+    }
+  }
+  return {gpx * dpx, gpy * dpy};
+}
+
+// grid (blocks per batch item, min(B, 65535)), kThreads threads, each thread striding over the
+// item's pixels. `grad_image` (compute dtype, strides gis) is null when not requested. NPTS > 0:
+// the TPS gradients of at most NPTS control points are requested (bilinear mode), summed in
+// registers over the thread's pixels and reduced once per block into `partials` (B, gridDim.x, P).
+template <typename scalar_t, typename acc, int NPTS>
 __global__ void __launch_bounds__(kThreads) backward_kernel(GeoArgs<acc> g, Interp mode, const scalar_t* __restrict__ image,
                                                             Strides4 is, const scalar_t* __restrict__ grad_out, Strides4 gs,
                                                             acc* grad_image, Strides4 gis, acc* __restrict__ partials,
                                                             int64_t P, acc fill) {
+  const int npix = static_cast<int>(g.Ho * g.Wo), Wo = static_cast<int>(g.Wo), n = static_cast<int>(g.n);
+  for (int64_t b = blockIdx.y; b < g.B; b += gridDim.y) {
+    TpsGradRegs<acc, (NPTS > 0 ? NPTS : 1)> tps_grads;
+    for (int p = blockIdx.x * kThreads + threadIdx.x; p < npix; p += gridDim.x * kThreads) {
+      const int i = p / Wo, j = p - i * Wo;
+      const acc qx = pixel_to_normalized<acc>(j, g.Wo, g.align_corners);
+      const acc qy = pixel_to_normalized<acc>(i, g.Ho, g.align_corners);
+      const auto gf = pixel_backward<scalar_t, acc>(g, mode, image, is, grad_out, gs, grad_image, gis, NPTS > 0, fill,
+                                                    b, i, j, qx, qy);
+      if constexpr (NPTS > 0) tps_grads.add(qx, qy, g.src + b * 2 * n, g.params + b * 2 * (n + 3), n, gf);
+    }
+    if constexpr (NPTS > 0) {
+      __shared__ acc shared[kWarps * TpsGradRegs<acc, NPTS>::kLen];
+      tps_grads.store_block_sum(shared, partials + (b * gridDim.x + blockIdx.x) * P, n);
+    }
+  }
+}
+
+// The TPS gradients for more than kTpsGradMaxPoints control points: one pixel per thread, a block
+// reduction per control point (grid: one block per kThreads pixels of an item).
+template <typename scalar_t, typename acc>
+__global__ void __launch_bounds__(kThreads)
+    backward_many_points_kernel(GeoArgs<acc> g, Interp mode, const scalar_t* __restrict__ image, Strides4 is,
+                                const scalar_t* __restrict__ grad_out, Strides4 gs, acc* grad_image, Strides4 gis,
+                                acc* __restrict__ partials, int64_t P, acc fill) {
   __shared__ acc shared[kWarps * 6];
   const int64_t npix = g.Ho * g.Wo, n = g.n;
   const int64_t p = blockIdx.x * int64_t(kThreads) + threadIdx.x;
@@ -142,44 +217,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(GeoArgs<acc> g, Inte
   for (int64_t b = blockIdx.y; b < g.B; b += gridDim.y) {
     const acc* src = g.src + b * 2 * n;
     const acc* params = g.params + b * 2 * (n + 3);
-    acc gfx = 0, gfy = 0;  // gradient w.r.t. f(q) of this pixel
-    if (active) {
-      const auto f = tps_eval<acc>(qx, qy, src, params, n);
-      const scalar_t* go = grad_out + b * gs.b + i * gs.h + j * gs.w;
-      if (mode == Interp::Nearest) {
-        if (grad_image) {
-          const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners);
-          const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners);
-          const NearestTap tap = nearest_tap(px, py, g.H, g.W);
-          if (tap.inside) {
-            acc* gp = grad_image + b * gis.b + tap.y * gis.h + tap.x * gis.w;
-            for (int64_t c = 0; c < g.C; ++c) atomicAdd(gp + c * gis.c, static_cast<acc>(go[c * gs.c]));
-          }
-        }
-      } else {
-        acc dpx = 0, dpy = 0;
-        const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners, &dpx);
-        const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners, &dpy);
-        const auto tap = bilinear_tap(px, py, g.H, g.W);
-        const scalar_t* img = image + b * is.b;
-        acc gpx = 0, gpy = 0;
-        for (int64_t c = 0; c < g.C; ++c) {
-          const acc gc = static_cast<acc>(go[c * gs.c]);
-          if (partials) {
-            const auto d = bilinear_sample_coord_grad(img + c * is.c, is.h, is.w, tap, fill, gc);
-            gpx += d.x;
-            gpy += d.y;
-          }
-          if (grad_image) {
-            acc* gp = grad_image + b * gis.b + c * gis.c;
-            bilinear_scatter(tap, gis.h, gis.w, gc, [gp](int64_t off, acc value) { atomicAdd(gp + off, value); });
-          }
-        }
-        gfx = gpx * dpx;
-        gfy = gpy * dpy;
-      }
-    }
-    if (partials == nullptr) continue;  // uniform over the grid
+    Vec2<acc> gf{acc(0), acc(0)};
+    if (active)
+      gf = pixel_backward<scalar_t, acc>(g, mode, image, is, grad_out, gs, grad_image, gis, true, fill, b, i, j, qx, qy);
+    const acc gfx = gf.x, gfy = gf.y;
     acc* part = partials + (b * gridDim.x + blockIdx.x) * P;  // grad src [0, 2n), grad params [2n, P)
     {
       acc v[6] = {gfx, gfy, gfx * qx, gfy * qx, gfx * qy, gfy * qy};
@@ -189,12 +230,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(GeoArgs<acc> g, Inte
       }
     }
     for (int64_t c = 0; c < n; ++c) {
-      // The terms of tps_eval_backward for control point c.
-      const acc dx = qx - src[2 * c], dy = qy - src[2 * c + 1];
-      const acc r2 = dx * dx + dy * dy;
-      const acc phi = tps_phi(r2);
-      const acc k = acc(2) * (gfx * params[2 * c] + gfy * params[2 * c + 1]) * tps_dphi_dr2(r2);
-      acc v[4] = {gfx * phi, gfy * phi, -k * dx, -k * dy};
+      Vec2<acc> unused{acc(0), acc(0)};
+      const auto r = tps_radial_backward<acc>(qx, qy, src[2 * c], src[2 * c + 1], params[2 * c], params[2 * c + 1],
+                                              gf, unused);
+      acc v[4] = {r.w_x, r.w_y, r.src_x, r.src_y};
       block_sum(v, shared);
       if (threadIdx.x == 0) {
         part[2 * n + 2 * c] = v[0];
@@ -305,7 +344,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cuda(
   const auto fmt = warp_memory_format(image);
   const int64_t P = tps_grad_width(cfg.n);
   const int64_t npix = cfg.Ho * cfg.Wo;
-  const int64_t blocks = (npix + kThreads - 1) / kThreads;
+  const bool many_points = need_coord && cfg.n > kTpsGradMaxPoints;
+  // Blocks per item: one per kThreads pixels for the many-points kernel; else about kStrideBlocks in all,
+  // each thread striding over several pixels (depends on the shape only: deterministic partials).
+  const int64_t pixel_blocks = (npix + kThreads - 1) / kThreads;
+  const int64_t blocks = many_points ? pixel_blocks
+                                     : std::max<int64_t>(1, std::min<int64_t>(pixel_blocks, kStrideBlocks / cfg.B));
 
   at::Tensor grad_acc;
   if (need_image) grad_acc = at::empty(image.sizes(), image.options().dtype(ct), fmt).zero_();
@@ -314,8 +358,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cuda(
 
   const bool work = cfg.B * npix > 0 && cfg.C > 0 && (need_image || need_coord);
   if (work) {
-    TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int>::max(), kOp, ": output too large (", show(cfg.Ho), " x ",
-                      show(cfg.Wo), ")");
+    TORCH_CHECK_VALUE(npix <= std::numeric_limits<int>::max() - int64_t(kStrideBlocks) * kThreads, kOp,
+                      ": output too large (", show(cfg.Ho), " x ", show(cfg.Wo),
+                      " pixels per image; the CUDA kernels index pixels in 32 bits)");
     const auto grad_out = grad_out_in.scalar_type() == image.scalar_type() ? grad_out_in : grad_out_in.to(image.scalar_type());
     const auto s = src.to(ct).contiguous();
     const auto p = params.to(ct).contiguous();
@@ -327,12 +372,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cuda(
       using acc = decltype(zero);
       const auto g = geo_args<acc>(cfg, s, p);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "tps_warp_backward_cuda", [&] {
-        backward_kernel<scalar_t, acc><<<grid, kThreads, 0, stream>>>(
-            g, cfg.mode, image.const_data_ptr<scalar_t>(), strides4(image), grad_out.const_data_ptr<scalar_t>(),
-            strides4(grad_out), need_image ? grad_acc.mutable_data_ptr<acc>() : nullptr,
-            need_image ? strides4(grad_acc) : Strides4{0, 0, 0, 0}, need_coord ? partials.mutable_data_ptr<acc>() : nullptr,
-            P, static_cast<acc>(fill));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        auto launch = [&](auto kernel) {
+          kernel<<<grid, kThreads, 0, stream>>>(
+              g, cfg.mode, image.const_data_ptr<scalar_t>(), strides4(image), grad_out.const_data_ptr<scalar_t>(),
+              strides4(grad_out), need_image ? grad_acc.mutable_data_ptr<acc>() : nullptr,
+              need_image ? strides4(grad_acc) : Strides4{0, 0, 0, 0},
+              need_coord ? partials.mutable_data_ptr<acc>() : nullptr, P, static_cast<acc>(fill));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (!need_coord) {
+          launch(backward_kernel<scalar_t, acc, 0>);
+        } else if (many_points) {
+          launch(backward_many_points_kernel<scalar_t, acc>);
+        } else {
+          dispatch_tps_grad_points(cfg.n, [&](auto points) { launch(backward_kernel<scalar_t, acc, decltype(points)::value>); });
+        }
       });
       if (need_coord) {
         sum_partials_kernel<acc><<<grid_for(cfg.B * P), kThreads, 0, stream>>>(

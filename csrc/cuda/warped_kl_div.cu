@@ -7,8 +7,8 @@
 //
 // size=None performance: the backward gets the validity weights (the mean's denominator) from a
 // validity-only kernel (TPS map + hull test, no class loop) instead of rerunning the forward; the
-// src/params accumulators and their block reduction exist only in the instantiation that needs
-// them (kCoords); for C <= 32 classes (float accumulation, no src/params gradient) the student and
+// src/params accumulators (registers, tpswarp/tps_grad_regs.cuh; a capped grid so that each thread
+// sums many pixels before its block's one reduction) exist only in the instantiation that needs them; for C <= 32 classes (float accumulation, no src/params gradient) the student and
 // warped teacher class vectors of a pixel are loaded once into registers (tpswarp/kl_regs.cuh,
 // MAX_C = 8/16/32, same arithmetic as kl.h) when TPSWARP_CUDA_KL_REGS=1 (opt-in: slower than the
 // generic loaders on an H200 with 19 classes, see kl_regs.cuh); otherwise the kl.h loaders.
@@ -49,13 +49,13 @@
 #include "tpswarp/show.h"
 #include "tpswarp/tps.h"
 #include "tpswarp/tps_args.h"
+#include "tpswarp/tps_grad_regs.cuh"
 
 namespace tpswarp {
 namespace {
 
 constexpr const char* kOp = "warped_kl_div";
 constexpr int kThreads = 256;
-constexpr int kMaxPoints = 16;  // control points supported by the CUDA backward (register accumulators)
 
 struct Strides4 {
   int64_t b, c, h, w;
@@ -136,25 +136,26 @@ __global__ void warped_validity_kernel(Geometry g, const acc* __restrict__ src, 
   }
 }
 
-// kCoords: the src/params gradient is requested (per-thread accumulators, block partials); it
-// always uses the generic path (MAX_C == 0): its accumulators already take the registers.
-// kl_out (nullable, (B, H * W)): each pixel's KL as the forward computes it, 0 where scale is 0.
-template <typename scalar_t, typename acc, int MAX_C, bool kCoords>
-__global__ void warped_kl_backward_kernel(Geometry g, const scalar_t* __restrict__ s, Strides4 ss,
-                                          const scalar_t* __restrict__ t, Strides4 ts, const acc* __restrict__ src,
-                                          const acc* __restrict__ params, const acc* __restrict__ weights,
-                                          const acc* __restrict__ factor, int64_t f_step, scalar_t* gs, Strides4 gss,
-                                          acc* gt, acc* partials, acc* kl_out) {
+// NPTS > 0: the src/params gradient is requested, for at most NPTS control points (register
+// accumulators of tps_grad_regs.cuh over the thread's pixels, one block reduction into this block's
+// partial row); it always uses the generic class loop (MAX_C == 0): its accumulators already take
+// the registers. kl_out (nullable, (B, H * W)): each pixel's KL as the forward computes it, 0 where
+// scale is 0.
+template <typename scalar_t, typename acc, int MAX_C, int NPTS>
+__global__ void __launch_bounds__(kThreads)
+    warped_kl_backward_kernel(Geometry g, const scalar_t* __restrict__ s, Strides4 ss, const scalar_t* __restrict__ t,
+                              Strides4 ts, const acc* __restrict__ src, const acc* __restrict__ params,
+                              const acc* __restrict__ weights, const acc* __restrict__ factor, int64_t f_step,
+                              scalar_t* gs, Strides4 gss, acc* gt, acc* partials, acc* kl_out) {
+  constexpr bool kCoords = NPTS > 0;
   const int64_t N = g.H * g.W;
   const int64_t b = blockIdx.y;
-  const int64_t n = g.n, row_len = 2 * n + 2 * (n + 3);
+  const int n = static_cast<int>(g.n);
   const acc* src_b = src + b * n * 2;
   const acc* params_b = params + b * (n + 3) * 2;
   const acc sx = normalized_to_pixel_scale<acc>(g.Wt, g.align_corners);
   const acc sy = normalized_to_pixel_scale<acc>(g.Ht, g.align_corners);
-  acc local[kCoords ? 2 * kMaxPoints + 2 * (kMaxPoints + 3) : 1];
-  if constexpr (kCoords)
-    for (int64_t r = 0; r < row_len; ++r) local[r] = 0;
+  TpsGradRegs<acc, kCoords ? NPTS : 1> tps_grads;
 
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = k / g.W, j = k % g.W;
@@ -197,24 +198,12 @@ __global__ void warped_kl_backward_kernel(Geometry g, const scalar_t* __restrict
       if (kl_out) kl_out[b * N + k] = st.kl;
       kl_pixel_grad_regs<MAX_C, acc>(sv, tv, int(g.C), g.logits, st, scale, gsp != nullptr, store_s, want_t, store_t);
     }
-    if constexpr (kCoords)
-      tps_eval_backward<acc>(w.qx, w.qy, src_b, params_b, n, Vec2<acc>{dpx * sx, dpy * sy}, local, local + 2 * n);
+    if constexpr (kCoords) tps_grads.add(w.qx, w.qy, src_b, params_b, n, Vec2<acc>{dpx * sx, dpy * sy});
   }
 
   if constexpr (kCoords) {
-    // Block reduction of the per-thread accumulators into this block's partial row.
-    __shared__ acc shared[kThreads];
-    acc* out = partials + (b * gridDim.x + blockIdx.x) * row_len;
-    for (int64_t r = 0; r < row_len; ++r) {
-      shared[threadIdx.x] = local[r];
-      __syncthreads();
-      for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-        if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
-        __syncthreads();
-      }
-      if (threadIdx.x == 0) out[r] = shared[0];
-      __syncthreads();
-    }
+    __shared__ acc shared[(kThreads / 32) * TpsGradRegs<acc, NPTS>::kLen];
+    tps_grads.store_block_sum(shared, partials + (b * gridDim.x + blockIdx.x) * (4 * int64_t(n) + 6), n);
   }
 }
 
@@ -257,6 +246,14 @@ Prepared prepare(const at::Tensor& student, const at::Tensor& teacher, const at:
 
 dim3 grid_for(int64_t N, int64_t B) {
   return dim3(static_cast<unsigned>(std::min<int64_t>((N + kThreads - 1) / kThreads, 1024)), static_cast<unsigned>(B));
+}
+
+// The backward with src/params gradients: about kCoordBlocks blocks in all (a few waves), so that each
+// thread sums many pixels before its block's one reduction. Depends on the shape only: deterministic.
+constexpr int64_t kCoordBlocks = 2048;
+dim3 coord_grid_for(int64_t N, int64_t B) {
+  const int64_t per_item = std::max<int64_t>(1, std::min<int64_t>((N + kThreads - 1) / kThreads, kCoordBlocks / B));
+  return dim3(static_cast<unsigned>(per_item), static_cast<unsigned>(B));
 }
 
 void launch_forward(const Prepared& p, at::Tensor& kl, at::Tensor& weights) {
@@ -314,8 +311,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
     std::array<bool, 4> output_mask, at::Tensor* kl_out = nullptr, at::Tensor* weights_out = nullptr) {
   auto p = prepare(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
   const bool need_coords = output_mask[2] || output_mask[3];
-  TORCH_CHECK_VALUE(!need_coords || p.g.n <= kMaxPoints, kOp, ": the CUDA backward to `src`/`params` supports at most ",
-                    show(kMaxPoints), " control points, got n=", show(p.g.n), "; use the reference backend for more");
+  TORCH_CHECK_VALUE(!need_coords || p.g.n <= kTpsGradMaxPoints, kOp,
+                    ": the CUDA backward to `src`/`params` supports at most ", show(kTpsGradMaxPoints), " control points, got n=", show(p.g.n), "; use the reference backend for more");
   if (output_mask[1]) at::globalContext().alertNotDeterministic("warped_kl_div_backward_cuda (teacher gradient)");
   auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };
   at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : placeholder(student_logits);
@@ -339,16 +336,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
                       ? at::empty_like(grad_s, grad_s.options().dtype(p.in_dtype))
                       : grad_s;
   at::Tensor gt_acc = output_mask[1] ? at::zeros({p.g.B, p.g.C, p.g.Ht, p.g.Wt}, weights.options()) : at::Tensor();
-  const dim3 grid = grid_for(N, p.g.B);
+  const dim3 grid = need_coords ? coord_grid_for(N, p.g.B) : grid_for(N, p.g.B);
   const int64_t row_len = 2 * p.g.n + 2 * (p.g.n + 3);
-  at::Tensor partials = need_coords ? at::zeros({p.g.B, int64_t(grid.x), row_len}, weights.options()) : at::Tensor();
+  at::Tensor partials = need_coords ? at::empty({p.g.B, int64_t(grid.x), row_len}, weights.options()) : at::Tensor();
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.in_dtype, "warped_kl_div_backward_cuda", [&] {
     auto run = [&](auto acc_tag) {
       using acc = decltype(acc_tag);
-      auto launch = [&](auto max_c, auto coords) {
-        constexpr int MAX_C = kRegs<scalar_t, acc> && !decltype(coords)::value ? decltype(max_c)::value : 0;
-        warped_kl_backward_kernel<scalar_t, acc, MAX_C, decltype(coords)::value><<<grid, kThreads, 0, stream>>>(
+      auto launch = [&](auto max_c, auto points) {
+        constexpr int NPTS = decltype(points)::value;
+        constexpr int MAX_C = kRegs<scalar_t, acc> && NPTS == 0 ? decltype(max_c)::value : 0;
+        warped_kl_backward_kernel<scalar_t, acc, MAX_C, NPTS><<<grid, kThreads, 0, stream>>>(
             p.g, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
             p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), weights.const_data_ptr<acc>(),
             factor.const_data_ptr<acc>(), factor.dim() == 0 ? 0 : 1,
@@ -359,12 +357,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
             kl_out ? kl_out->mutable_data_ptr<acc>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      dispatch_max_classes(kRegs<scalar_t, acc> && !need_coords ? p.g.C : INT64_MAX, [&](auto max_c) {
-        if (need_coords)
-          launch(max_c, std::true_type{});
-        else
-          launch(max_c, std::false_type{});
-      });
+      if (need_coords) {
+        dispatch_tps_grad_points(p.g.n, [&](auto points) { launch(std::integral_constant<int, 0>{}, points); });
+      } else {
+        dispatch_max_classes(kRegs<scalar_t, acc> ? p.g.C : INT64_MAX,
+                             [&](auto max_c) { launch(max_c, std::integral_constant<int, 0>{}); });
+      }
     };
     if (p.acc_dtype == at::kDouble)
       run(double{});

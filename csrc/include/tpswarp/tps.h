@@ -77,6 +77,42 @@ TPSWARP_HOST_DEVICE inline Vec2<acc> tps_eval_backward(acc qx, acc qy, const P* 
   return gq;
 }
 
+// Per-control-point pieces of the gradient of <g, f(q)> (tps_eval_backward above, split so that a
+// GPU thread can reduce each control point's contribution across a block without per-thread arrays).
+template <typename acc> struct TpsRadialGrad {
+  acc src_x, src_y;  // d<g, f(q)> / d c_i
+  acc w_x, w_y;      // d<g, f(q)> / d W_i
+};
+
+// Radial term W_i phi(|q - c_i|): returns its gradients w.r.t. c_i and W_i, adds its part of d/dq to gq.
+template <typename acc>
+TPSWARP_HOST_DEVICE inline TpsRadialGrad<acc> tps_radial_backward(acc qx, acc qy, acc cx, acc cy, acc wx, acc wy,
+                                                                  Vec2<acc> g, Vec2<acc>& gq) {
+  const acc dx = qx - cx, dy = qy - cy;
+  const acc r2 = dx * dx + dy * dy;
+  // tps_phi and tps_dphi_dr2 of tps.h with one logarithm: phi = r2 log(r2) / 2, dphi/dr2 = (log(r2) + 1) / 2.
+  const acc lg = r2 > acc(0) ? log_(r2) : acc(0);
+  const acc dphi = r2 > acc(0) ? acc(0.5) * (lg + acc(1)) : acc(0);
+  const acc phi = acc(0.5) * r2 * lg;
+  const acc k = acc(2) * (g.x * wx + g.y * wy) * dphi;
+  gq.x += k * dx;
+  gq.y += k * dy;
+  return {-k * dx, -k * dy, g.x * phi, g.y * phi};
+}
+
+// Affine term A_0 + A_1 q_x + A_2 q_y, A = params rows n..n+2 ((3, 2) row-major): returns d/dq and
+// writes the 6 gradients w.r.t. A (row-major) to gA.
+template <typename acc>
+TPSWARP_HOST_DEVICE inline Vec2<acc> tps_affine_backward(acc qx, acc qy, const acc* A, Vec2<acc> g, acc* gA) {
+  gA[0] = g.x;
+  gA[1] = g.y;
+  gA[2] = g.x * qx;
+  gA[3] = g.y * qx;
+  gA[4] = g.x * qy;
+  gA[5] = g.y * qy;
+  return {g.x * A[2] + g.y * A[3], g.x * A[4] + g.y * A[5]};
+}
+
 // Normalized coordinate of output pixel i along an axis of `size` pixels (grid_sample convention).
 template <typename acc>
 TPSWARP_HOST_DEVICE TPSWARP_INLINE acc pixel_to_normalized(int64_t i, int64_t size, bool align_corners) {
