@@ -1,6 +1,7 @@
 """Test utilities: the one tolerance table, and input makers shared by tests and benchmarks."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -41,13 +42,32 @@ def quadrant_points(batch: int, *, dtype=torch.float32, device=None) -> torch.Te
     return pts.expand(batch, 4, 2).contiguous()
 
 
+def jittered_grid_points(batch: int, n: int, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``(batch, n, 2)`` float64 control points: the first ``n`` nodes of a ``ceil(sqrt(n))``-square grid
+    over ``[-0.75, 0.75]^2``, each moved by at most a twentieth of the spacing. Well conditioned for any
+    ``n >= 3``: uniform random points can nearly coincide, and then the TPS weights (and the float32
+    rounding of everything computed from them) grow by orders of magnitude."""
+    m = max(2, math.ceil(math.sqrt(n)))
+    axis = torch.linspace(-0.75, 0.75, m, dtype=torch.float64)
+    nodes = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)[:n]
+    spacing = 1.5 / (m - 1)
+    return nodes + spacing / 10 * (torch.rand(batch, n, 2, generator=generator, dtype=torch.float64) - 0.5)
+
+
 def random_tps(batch: int, *, n: int = 4, scale: float = 0.2, generator: Optional[torch.Generator] = None,
-               dtype=torch.float32, device=None):
-    """A random TPS warp ``(src, dst, params)`` around the identity, solved by the reference."""
+               dtype=torch.float32, device=None, points: str = "random"):
+    """A random TPS warp ``(src, dst, params)`` around the identity, solved by the reference.
+
+    ``src``: the PhTPS quadrant points when ``n == 4``; else uniform in ``[-0.8, 0.8]^2``
+    (``points="random"``) or ``jittered_grid_points`` (``points="grid"``)."""
     from .reference import tps_solve
 
+    if points not in ("random", "grid"):
+        raise ValueError(f"random_tps: `points` must be 'random' or 'grid', got {points!r}")
     if n == 4:
         src = quadrant_points(batch, dtype=torch.float64)
+    elif points == "grid":
+        src = jittered_grid_points(batch, n, generator=generator)
     else:
         src = torch.rand(batch, n, 2, generator=generator, dtype=torch.float64) * 1.6 - 0.8
     dst = src + scale * torch.randn(batch, n, 2, generator=generator, dtype=torch.float64)

@@ -10,7 +10,7 @@
 // - src / params gradients: deterministic. Each thread sums its pixels' terms in registers
 //   (tpswarp/tps_grad_regs.cuh, n <= 16 control points; the grid is capped so that a thread has
 //   several pixels), each block reduces its threads with a fixed tree (warp shuffles, then the warps
-//   in order) into a partial buffer (B, blocks, P), and a second kernel sums the blocks in order.
+//   in order) into a partial buffer (B, blocks, P), which at::sum reduces over the blocks.
 //   More than 16 control points: one pixel per thread and a block reduction per control point.
 //   No host synchronization.
 #include <ATen/Context.h>
@@ -245,21 +245,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// total[b, k] = sum over blocks, in order, of partials[b, block, k].
-template <typename acc>
-__global__ void sum_partials_kernel(const acc* __restrict__ partials, acc* __restrict__ total, int64_t B, int64_t blocks,
-                                    int64_t P) {
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < B * P; idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = idx / P, k = idx % P;
-    const acc* p = partials + b * blocks * P + k;
-    acc s = 0;
-    for (int64_t blk = 0; blk < blocks; ++blk) s += p[blk * P];
-    total[idx] = s;
-  }
-}
-
-int grid_for(int64_t total) { return static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8)); }
-
 template <typename F> void dispatch_compute(at::ScalarType ct, F&& f) {
   if (ct == at::kDouble) {
     f(double{});
@@ -388,12 +373,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cuda(
           dispatch_tps_grad_points(cfg.n, [&](auto points) { launch(backward_kernel<scalar_t, acc, decltype(points)::value>); });
         }
       });
-      if (need_coord) {
-        sum_partials_kernel<acc><<<grid_for(cfg.B * P), kThreads, 0, stream>>>(
-            partials.const_data_ptr<acc>(), total.mutable_data_ptr<acc>(), cfg.B, blocks, P);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
     });
+    if (need_coord) total = partials.sum(1);  // a fixed reduction of the blocks' rows (no atomics)
   }
 
   at::Tensor grad_image = at::empty({0}, image.options());

@@ -40,6 +40,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <limits>
 
 #include "tpswarp/kl.h"
 #include "tpswarp/kl_args.h"
@@ -100,8 +101,9 @@ __global__ void warped_kl_forward_kernel(Geometry g, const scalar_t* __restrict_
                                          const acc* __restrict__ params, acc* __restrict__ kl, acc* __restrict__ weights) {
   const int64_t N = g.H * g.W;
   const int64_t b = blockIdx.y;
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = k / g.W, j = k % g.W;
+  const int npix = static_cast<int>(N), Wi = static_cast<int>(g.W);  // 32-bit: see check_pixel_count
+  for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < npix; k += gridDim.x * blockDim.x) {
+    const int i = k / Wi, j = k - i * Wi;
     const auto w = warp_pixel<acc>(g, src + b * g.n * 2, params + b * (g.n + 3) * 2, i, j);
     weights[b * N + k] = w.valid ? acc(1) : acc(0);
     if (!w.valid) {
@@ -129,8 +131,9 @@ __global__ void warped_validity_kernel(Geometry g, const acc* __restrict__ src, 
                                        acc* __restrict__ weights) {
   const int64_t N = g.H * g.W;
   const int64_t b = blockIdx.y;
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = k / g.W, j = k % g.W;
+  const int npix = static_cast<int>(N), Wi = static_cast<int>(g.W);  // 32-bit: see check_pixel_count
+  for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < npix; k += gridDim.x * blockDim.x) {
+    const int i = k / Wi, j = k - i * Wi;
     const auto w = warp_pixel<acc>(g, src + b * g.n * 2, params + b * (g.n + 3) * 2, i, j);
     weights[b * N + k] = w.valid ? acc(1) : acc(0);
   }
@@ -157,8 +160,9 @@ __global__ void __launch_bounds__(kThreads)
   const acc sy = normalized_to_pixel_scale<acc>(g.Ht, g.align_corners);
   TpsGradRegs<acc, kCoords ? NPTS : 1> tps_grads;
 
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = k / g.W, j = k % g.W;
+  const int npix = static_cast<int>(N), Wi = static_cast<int>(g.W);  // 32-bit: see check_pixel_count
+  for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < npix; k += gridDim.x * blockDim.x) {
+    const int i = k / Wi, j = k - i * Wi;
     const acc scale = factor[(b * N + k) * f_step] * weights[b * N + k];
     scalar_t* gsp = gs ? gs + b * gss.b + i * gss.h + j * gss.w : nullptr;
     if (scale == acc(0)) {
@@ -207,6 +211,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The kernels index the pixels of an item with 32-bit arithmetic (a 64-bit division costs tens of
+// instructions per pixel): H W plus the threads of a grid must stay below 2^31.
+void check_pixel_count(int64_t H, int64_t W) {
+  TORCH_CHECK_VALUE(H * W <= std::numeric_limits<int>::max() - (int64_t(1) << 20), kOp, ": output too large (", show(H),
+                    " x ", show(W), " pixels per item; the CUDA kernels index pixels in 32 bits)");
+}
+
 struct Prepared {
   Geometry g;
   Reduction reduction;
@@ -233,6 +244,7 @@ Prepared prepare(const at::Tensor& student, const at::Tensor& teacher, const at:
   p.g = {student.size(0), student.size(1), student.size(2), student.size(3), teacher.size(2), teacher.size(3),
          src.size(1), teacher_is_logits, align_corners};
   p.reduction = parse_reduction(reduction, kOp);
+  check_pixel_count(p.g.H, p.g.W);
   const bool any_double = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble ||
                           params.scalar_type() == at::kDouble;
   p.acc_dtype = any_double ? at::kDouble : at::kFloat;
@@ -434,8 +446,9 @@ __global__ void warped_kl_sized_forward_kernel(Geometry g, SizedDims d, const sc
   const int64_t b = blockIdx.y;
   const acc s_sh = linear_resize_scale<acc>(d.hs, g.H), s_sw = linear_resize_scale<acc>(d.ws, g.W);
   const acc t_sh = linear_resize_scale<acc>(d.ht, g.Ht), t_sw = linear_resize_scale<acc>(d.wt, g.Wt);
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = k / g.W, j = k % g.W;
+  const int npix = static_cast<int>(N), Wi = static_cast<int>(g.W);  // 32-bit: see check_pixel_count
+  for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < npix; k += gridDim.x * blockDim.x) {
+    const int i = k / Wi, j = k - i * Wi;
     const auto w = warp_pixel<acc>(g, src + b * g.n * 2, params + b * (g.n + 3) * 2, i, j);
     weights[b * N + k] = w.valid ? acc(1) : acc(0);
     if (!w.valid) {
@@ -514,6 +527,7 @@ SizedPrepared prepare_sized(const at::Tensor& student, const at::Tensor& teacher
   // the loss lives on the (H, W) grid, and the warp reads the teacher resized to (H, W)
   r.p.g.H = r.p.g.Ht = size[0];
   r.p.g.W = r.p.g.Wt = size[1];
+  check_pixel_count(r.p.g.H, r.p.g.W);
   return r;
 }
 
