@@ -40,7 +40,8 @@
 #   AB_BACKENDS=cpp                         # the backends of the A/B rows (default: triton, or cpp,triton
 #                                           # when the baseline has its own build)
 #   NCU=1                                   # Nsight Compute report of the CUDA kernels of every streaming op
-#                                           # (benchmarks/profile_ops.py), CSV in ncu.log
+#                                           # (benchmarks/profile_ops.py): CSV in ncu.log, a table of it
+#                                           # in ncu_summary.md (benchmarks/ncu_summary.py)
 set -uo pipefail
 set -x
 
@@ -204,6 +205,7 @@ if [ "${NCU:-0}" = "1" ]; then
   step ncu "${NCU_BIN:-ncu}" --clock-control none --kernel-name-base demangled -k regex:tpswarp --csv --page details \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
     --section WarpStateStats $PYTHON benchmarks/profile_ops.py --backend cpp --warmup 0
+  $PYTHON benchmarks/ncu_summary.py "$OUT/ncu.log" --out "$OUT/ncu_summary.md" && cat "$OUT/ncu_summary.md"
 fi
 # One iteration of Algorithm 1, CUDA allocator and the CPU tracker (issue #5).
 # shellcheck disable=SC2086
