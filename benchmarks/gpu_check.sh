@@ -145,7 +145,8 @@ XDIST=()
 [ -n "${WORKERS:-}" ] && XDIST=(-n "$WORKERS")
 step test_cuda $PYTHON -m pytest -q -rs "${XDIST[@]}" tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
 # The Triton kernel tests on CUDA tensors (no interpreter); TRITON_TESTS=0 skips them.
-[ "${TRITON_TESTS:-1}" = "0" ] || step test_triton_gpu env -u TRITON_INTERPRET $PYTHON -m pytest -q -rs "${XDIST[@]}" tests/test_triton.py tests/test_triton_kl_size.py \
+[ "${TRITON_TESTS:-1}" = "0" ] || step test_triton_gpu env -u TRITON_INTERPRET $PYTHON -m pytest -q -rs "${XDIST[@]}" \
+  tests/test_triton.py tests/test_triton_kl_size.py \
   --junitxml="$OUT/test_triton_gpu.xml"
 # The whole suite with the GPU build (CPU tests: reference and C++ backends; CUDA tests again).
 if [ "${GPU_ONLY:-0}" != "1" ]; then
@@ -209,7 +210,8 @@ if [ "${NCU:-0}" = "1" ]; then
 fi
 # One iteration of Algorithm 1, CUDA allocator and the CPU tracker (issue #5).
 # shellcheck disable=SC2086
-[ "${MEMORY:-1}" = "0" ] || step memory_consistency $PYTHON benchmarks/memory_consistency.py --device cuda ${MEMORY_ARGS:-} --out "$OUT"
+[ "${MEMORY:-1}" = "0" ] \
+  || step memory_consistency $PYTHON benchmarks/memory_consistency.py --device cuda ${MEMORY_ARGS:-} --out "$OUT"
 # The benchmarks append their CSV rows to benchmarks/results/*.csv; keep a copy with this run.
 cp benchmarks/results/*.csv "$OUT/" 2>/dev/null || true
 

@@ -133,24 +133,29 @@ def test_kernel_resources_reads_compiled_kernels(tmp_path):
 
 def test_profile_ops_runs_every_op():
     """benchmarks/profile_ops.py (what gpu_check.sh NCU=1 profiles) on the CPU with small shapes."""
-    cmd = [sys.executable, os.path.join(BENCH, "profile_ops.py"), "--device", "cpu", "--quick", "--backend", "reference",
-           "--warmup", "0"]
+    cmd = [sys.executable, os.path.join(BENCH, "profile_ops.py"), "--device", "cpu", "--quick", "--backend",
+           "reference", "--warmup", "0"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("ran ") == 5
 
 
-NCU_CSV = '''==PROF== Connected to process 1 (python3)
-ran masked_kl_div
-"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
-"0","1","python3","h","void unnamed>::kl_forward_kernel<float, float, 0>(const T1 *, unnamed>::Strides3, long, bool)","1","7","(256, 1, 1)","(2304, 8, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","ns","257,952"
-"0","1","python3","h","void unnamed>::kl_forward_kernel<float, float, 0>(const T1 *, unnamed>::Strides3, long, bool)","1","7","(256, 1, 1)","(2304, 8, 1)","0","9.0","GPU Speed Of Light Throughput","DRAM Throughput","%","60.95"
-"0","1","python3","h","void unnamed>::kl_forward_kernel<float, float, 0>(const T1 *, unnamed>::Strides3, long, bool)","1","7","(256, 1, 1)","(2304, 8, 1)","0","9.0","Launch Statistics","Registers Per Thread","register/thread","43"
-"0","1","python3","h","void unnamed>::kl_forward_kernel<float, float, 0>(const T1 *, unnamed>::Strides3, long, bool)","1","7","(256, 1, 1)","(2304, 8, 1)","0","9.0","SpeedOfLight","","",""
-"1","1","python3","h","void tpswarp::(anonymous namespace)::backward_kernel<float, float, 4>(GeoArgs<float>, int)","1","7","(256, 1, 1)","(256, 8, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","ms","1.25"
-"1","1","python3","h","void tpswarp::(anonymous namespace)::backward_kernel<float, float, 4>(GeoArgs<float>, int)","1","7","(256, 1, 1)","(256, 8, 1)","0","9.0","GPU Speed Of Light Throughput","Compute (SM) Throughput","%","50.88"
-==PROF== Disconnected from process 1
-'''
+def ncu_csv():
+    """A small `ncu --csv --page details` log: two launches, a section row without a metric, other output."""
+    header = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
+              "Grid Size", "Device", "CC", "Section Name", "Metric Name", "Metric Unit", "Metric Value"]
+    k0 = "void unnamed>::kl_forward_kernel<float, float, 0>(const T1 *, unnamed>::Strides3, long, bool)"
+    k1 = "void tpswarp::(anonymous namespace)::backward_kernel<float, float, 4>(GeoArgs<float>, int)"
+    sol = "GPU Speed Of Light Throughput"
+    rows = [("0", k0, sol, "Duration", "ns", "257,952"), ("0", k0, sol, "DRAM Throughput", "%", "60.95"),
+            ("0", k0, "Launch Statistics", "Registers Per Thread", "register/thread", "43"),
+            ("0", k0, "SpeedOfLight", "", "", ""), ("1", k1, sol, "Duration", "ms", "1.25"),
+            ("1", k1, sol, "Compute (SM) Throughput", "%", "50.88")]
+    quote = lambda fields: ",".join(f'"{f}"' for f in fields)  # noqa: E731
+    lines = ["==PROF== Connected to process 1 (python3)", "ran masked_kl_div", quote(header)]
+    lines += [quote([i, "1", "python3", "h", k, "1", "7", "(256, 1, 1)", "(2304, 8, 1)", "0", "9.0", sec, met, unit, v])
+              for i, k, sec, met, unit, v in rows]
+    return "\n".join(lines + ["==PROF== Disconnected from process 1"]) + "\n"
 
 
 def test_ncu_summary_table(tmp_path):
@@ -159,10 +164,11 @@ def test_ncu_summary_table(tmp_path):
 
     assert short_name("void tpswarp::<unnamed>::k<a::b<c>, 4>(x::y, int)") == "k<a::b<c>, 4>"
     report, out = tmp_path / "ncu.log", tmp_path / "ncu.md"
-    report.write_text(NCU_CSV)
+    report.write_text(ncu_csv())
     main([str(report), "--out", str(out)])
     rows = [line.split("|") for line in out.read_text().splitlines()[2:]]
-    assert [r[2].strip(" `") for r in rows] == ["kl_forward_kernel<float, float, 0>", "backward_kernel<float, float, 4>"]
+    names = [r[2].strip(" `") for r in rows]
+    assert names == ["kl_forward_kernel<float, float, 0>", "backward_kernel<float, float, 4>"]
     assert [r[3].strip() for r in rows] == ["258.0", "1250.0"]  # us
     assert rows[0][4].strip() == "61.0" and rows[0][5].strip() == "" and rows[0][8].strip() == "43"
     assert rows[1][5].strip() == "50.9"

@@ -132,11 +132,11 @@ template <typename acc, int K> __device__ inline void block_sum(acc (&v)[K], acc
 // One output pixel p of item b: scatters its image gradient (grad_image non-null) and returns the
 // gradient w.r.t. its TPS value f(q) (zero unless want_coord, which requires bilinear mode).
 template <typename scalar_t, typename acc>
-__device__ __forceinline__ Vec2<acc> pixel_backward(const GeoArgs<acc>& g, Interp mode, const scalar_t* __restrict__ image,
-                                                    const Strides4& is, const scalar_t* __restrict__ grad_out,
-                                                    const Strides4& gs, acc* grad_image, const Strides4& gis,
-                                                    bool want_coord, acc fill, int64_t b, int64_t i, int64_t j, acc qx,
-                                                    acc qy) {
+__device__ __forceinline__ Vec2<acc> pixel_backward(const GeoArgs<acc>& g, Interp mode,
+                                                    const scalar_t* __restrict__ image, const Strides4& is,
+                                                    const scalar_t* __restrict__ grad_out, const Strides4& gs,
+                                                    acc* grad_image, const Strides4& gis, bool want_coord, acc fill,
+                                                    int64_t b, int64_t i, int64_t j, acc qx, acc qy) {
   const int64_t n = g.n;
   const auto f = tps_eval<acc>(qx, qy, g.src + b * 2 * n, g.params + b * 2 * (n + 3), n);
   const scalar_t* go = grad_out + b * gs.b + i * gs.h + j * gs.w;
@@ -219,7 +219,8 @@ __global__ void __launch_bounds__(kThreads)
     const acc* params = g.params + b * 2 * (n + 3);
     Vec2<acc> gf{acc(0), acc(0)};
     if (active)
-      gf = pixel_backward<scalar_t, acc>(g, mode, image, is, grad_out, gs, grad_image, gis, true, fill, b, i, j, qx, qy);
+      gf = pixel_backward<scalar_t, acc>(g, mode, image, is, grad_out, gs, grad_image, gis, true, fill, b, i, j, qx,
+                                         qy);
     const acc gfx = gf.x, gfy = gf.y;
     acc* part = partials + (b * gridDim.x + blockIdx.x) * P;  // grad src [0, 2n), grad params [2n, P)
     {
@@ -370,7 +371,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cuda(
         } else if (many_points) {
           launch(backward_many_points_kernel<scalar_t, acc>);
         } else {
-          dispatch_tps_grad_points(cfg.n, [&](auto points) { launch(backward_kernel<scalar_t, acc, decltype(points)::value>); });
+          dispatch_tps_grad_points(cfg.n, [&](auto points) {
+            launch(backward_kernel<scalar_t, acc, decltype(points)::value>);
+          });
         }
       });
     });

@@ -8,8 +8,9 @@
 // size=None performance: the backward gets the validity weights (the mean's denominator) from a
 // validity-only kernel (TPS map + hull test, no class loop) instead of rerunning the forward; the
 // src/params accumulators (registers, tpswarp/tps_grad_regs.cuh; a capped grid so that each thread
-// sums many pixels before its block's one reduction) exist only in the instantiation that needs them; for C <= 32 classes (float accumulation, no src/params gradient) the student and
-// warped teacher class vectors of a pixel are loaded once into registers (tpswarp/kl_regs.cuh,
+// sums many pixels before its block's one reduction) exist only in the instantiation that needs
+// them; for C <= 32 classes (float accumulation, no src/params gradient) the student and warped
+// teacher class vectors of a pixel are loaded once into registers (tpswarp/kl_regs.cuh,
 // MAX_C = 8/16/32, same arithmetic as kl.h) when TPSWARP_CUDA_KL_REGS=1 (opt-in: slower than the
 // generic loaders on an H200 with 19 classes, see kl_regs.cuh); otherwise the kl.h loaders.
 //
@@ -324,7 +325,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
   auto p = prepare(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
   const bool need_coords = output_mask[2] || output_mask[3];
   TORCH_CHECK_VALUE(!need_coords || p.g.n <= kTpsGradMaxPoints, kOp,
-                    ": the CUDA backward to `src`/`params` supports at most ", show(kTpsGradMaxPoints), " control points, got n=", show(p.g.n), "; use the reference backend for more");
+                    ": the CUDA backward to `src`/`params` supports at most ", show(kTpsGradMaxPoints),
+                    " control points, got n=", show(p.g.n), "; use the reference backend for more");
   if (output_mask[1]) at::globalContext().alertNotDeterministic("warped_kl_div_backward_cuda (teacher gradient)");
   auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };
   at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : placeholder(student_logits);
