@@ -2,6 +2,8 @@
 gradients, gradcheck, opcheck, singular systems and bad inputs."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -356,3 +358,22 @@ def test_bad_inputs(backend, fn, make, exc, pattern):
     src, dst = kwargs.pop("src"), kwargs.pop("dst")
     with pytest.raises(exc, match=pattern):
         fn(src, dst, **kwargs)
+
+
+@pytest.mark.parametrize("n", [3, 5, 9, 16, 17, 25])
+def test_grid_control_points_are_well_conditioned(n):
+    """tpswarp.testing.random_tps(points="grid"): distinct jittered grid nodes, moderate TPS weights
+    (uniform random points can nearly coincide; the GPU tests of many control points rely on this)."""
+    from tpswarp.testing import jittered_grid_points, random_tps
+
+    g = torch.Generator().manual_seed(n)
+    pts = jittered_grid_points(64, n, generator=g)
+    assert pts.shape == (64, n, 2) and pts.dtype == torch.float64
+    m = max(2, math.ceil(math.sqrt(n)))
+    spacing = 1.5 / (m - 1)
+    dist = torch.cdist(pts, pts) + torch.eye(n, dtype=torch.float64) * 10
+    assert dist.min() >= 0.9 * spacing and pts.abs().max() <= 0.75 + spacing / 20
+    src, dst, params = random_tps(64, n=n, scale=0.1, generator=g, dtype=torch.float64, points="grid")
+    assert params.abs().max() < 20
+    with pytest.raises(ValueError, match="points"):
+        random_tps(2, n=n, points="uniform")
