@@ -205,7 +205,8 @@ if [ "${NCU:-0}" = "1" ]; then
   NCU_BIN=${NCU_BIN:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | tail -n 1)}
   step ncu "${NCU_BIN:-ncu}" --clock-control none --kernel-name-base demangled -k regex:tpswarp --csv --page details \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-    --section WarpStateStats $PYTHON benchmarks/profile_ops.py --backend cpp --warmup 0
+    --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats \
+    $PYTHON benchmarks/profile_ops.py --backend cpp --warmup 0
   $PYTHON benchmarks/ncu_summary.py "$OUT/ncu.log" --out "$OUT/ncu_summary.md" && cat "$OUT/ncu_summary.md"
 fi
 # One iteration of Algorithm 1, CUDA allocator and the CPU tracker (issue #5).

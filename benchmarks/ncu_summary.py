@@ -6,8 +6,9 @@ Reads ``ncu --csv --page details`` output (as ``gpu_check.sh NCU=1`` writes it t
 are not CSV rows, such as the program's own output and ``==PROF==`` notes, are skipped) and keeps, per
 launch: duration, DRAM and SM (compute) throughput as percentages of their peaks (which of the two is
 higher says whether the kernel is bound by memory or by instructions), L1 and L2 hit rates, registers,
-theoretical and achieved occupancy, and warp cycles per issued instruction (latency per instruction; high
-with low throughputs means too little independent work in flight).
+theoretical and achieved occupancy, warp cycles per issued instruction (latency per instruction; high
+with low throughputs means too little independent work in flight), and the executed warp instructions
+(with the InstructionStats section; per pixel, what an instruction-bound kernel has to shed).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ COLUMNS = [
     ("Theoretical Occupancy", "occ. theor. %"),
     ("Achieved Occupancy", "occ. achieved %"),
     ("Warp Cycles Per Issued Instruction", "cycles / issue"),
+    ("Executed Instructions", "warp instructions"),
     ("Grid Size", "grid"),
 ]
 
