@@ -16,6 +16,7 @@ script itself).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -58,6 +59,20 @@ def copy_bandwidth(device, quick):
     y = torch.empty_like(x)
     ms = timer(lambda: y.copy_(x), device, 5 if quick else 50)
     return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+@contextlib.contextmanager
+def kl_statistics_off():
+    """The KL ops' plain forward/backward pair (no statistics kept by the forward) for graphs built inside."""
+    previous = os.environ.get("TPSWARP_KL_STATS")
+    os.environ["TPSWARP_KL_STATS"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TPSWARP_KL_STATS"]
+        else:
+            os.environ["TPSWARP_KL_STATS"] = previous
 
 
 def nbytes(*tensors):
@@ -103,13 +118,22 @@ def bench_streaming(device, dtype, quick, repeats, copy_gbs, rows, only=None):
 
     cases = {}
 
-    # masked_kl_div: forward reads s, t, mask; backward (student) also writes grad_s.
+    # masked_kl_div: forward reads s, t, mask; backward (student) also writes grad_s. With a gradient wanted
+    # for the student, the forward keeps 4 statistics per pixel and the backward reads them
+    # (_masked_kl_div_with_stats); "without statistics" rows: TPSWARP_KL_STATS=0, the same build.
     def masked(backend):
         ss = s.detach().requires_grad_()
         loss = tpswarp.masked_kl_div(ss, t_logits, mask, teacher_is_logits=True)
+        with kl_statistics_off():
+            plain_loss = tpswarp.masked_kl_div(ss, t_logits, mask, teacher_is_logits=True)
         fwd = lambda: tpswarp.masked_kl_div(s, t_logits, mask, teacher_is_logits=True)  # noqa: E731
+        fwd_stats = lambda: tpswarp.masked_kl_div(ss, t_logits, mask, teacher_is_logits=True)  # noqa: E731
         bwd = lambda: torch.autograd.grad(loss, ss, retain_graph=True)  # noqa: E731
-        return [("forward", fwd, nbytes(s, t_logits, mask)), ("backward", bwd, nbytes(s, t_logits, mask, s))]
+        bwd_plain = lambda: torch.autograd.grad(plain_loss, ss, retain_graph=True)  # noqa: E731
+        return [("forward", fwd, nbytes(s, t_logits, mask)),
+                ("forward keeping statistics", fwd_stats, nbytes(s, t_logits, mask)),
+                ("backward", bwd, nbytes(s, t_logits, mask, s)),
+                ("backward without statistics", bwd_plain, nbytes(s, t_logits, mask, s))]
     cases["masked_kl_div"] = masked
 
     # warped_kl_div: the teacher is read once (gathers), grads to the student and the TPS params.

@@ -276,6 +276,69 @@ def test_kl_register_path_matches_generic(op, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,kind", [(F32, "contiguous"), (F64, "non_contiguous"), (F32, "channels_last"),
+                                        (BF16, "channels_last")], ids=["f32", "f64-noncontig", "f32-cl", "bf16-cl"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
+def test_masked_kl_statistics_from_forward(backend, monkeypatch, teacher_is_logits, reduction, dtype, kind):
+    """The student's gradient alone: the forward keeps 4 statistics per pixel (_masked_kl_div_with_stats)
+    and the backward sweeps the classes once. Against the plain backward (TPSWARP_KL_STATS=0), the
+    register path of the CUDA forward (TPSWARP_CUDA_KL_REGS=1), and the reference."""
+    s, t = kl_inputs((2, 19, 61, 67), dtype, teacher_is_logits)
+    s, t = layout(s, kind), layout(t, kind)
+    m = rand(2, 61, 67, seed=7) > 0.3
+    kw = dict(teacher_is_logits=teacher_is_logits, reduction=reduction)
+    settings = [("1", "0"), ("0", "0")] + ([("1", "1")] if backend == "cpp" else [])
+    results = []
+    ctx = use(backend, "masked_kl_div")
+    try:
+        for stats_flag, regs_flag in settings:
+            monkeypatch.setenv("TPSWARP_KL_STATS", stats_flag)
+            monkeypatch.setenv("TPSWARP_CUDA_KL_REGS", regs_flag)
+            leaf = s.detach().requires_grad_(True)
+            loss = tpswarp.masked_kl_div(leaf, t, m, **kw)
+            assert ("_masked_kl_div_with_stats" in loss.grad_fn.name()) == (stats_flag == "1")
+            grad = torch.autograd.grad(loss, leaf, randn(*loss.shape, dtype=loss.dtype, seed=3) + 0.5)[0]
+            assert grad.stride() == s.stride()
+            results.append((loss.detach(), grad))
+        torch.cuda.synchronize()
+    finally:
+        ctx.__exit__(None, None, None)
+    (loss, grad), *others = results
+    for other_loss, other_grad in others:
+        torch.testing.assert_close(loss, other_loss, rtol=1e-6, atol=1e-7)
+        assert_close(grad, other_grad, grad=True, dtype=dtype)
+    fn, ref, _, _ = case_masked_kl_div(dtype, kind, True, teacher_is_logits, reduction)
+    compare(backend, "masked_kl_div", lambda a, b: tpswarp.masked_kl_div(a, b, m, **kw),
+            lambda a, b: reference.masked_kl_div(a, b, m, **kw), (s, t), (True, False),
+            dtype=dtype if dtype == BF16 else None)
+
+
+def test_masked_kl_statistics_ops_cuda():
+    """The private ops directly (C++ kernels): the statistics against torch, the backward from them
+    against the plain backward, opcheck, and a clear error for statistics of other inputs."""
+    ctx = use("cpp", "masked_kl_div")
+    try:
+        s, t = kl_inputs((2, 40, 9, 11), F32, True)  # above 32 classes: the generic loaders
+        loss, stats = torch.ops.tpswarp._masked_kl_div_with_stats(s, t, None, True, "mean")
+        flat_s, flat_t = s.reshape(2, 40, 99), t.reshape(2, 40, 99)
+        torch.testing.assert_close(stats[:, 0], flat_s.amax(1))
+        torch.testing.assert_close(stats[:, 0] + stats[:, 1], torch.logsumexp(flat_s, 1))
+        torch.testing.assert_close(stats[:, 2] + stats[:, 3], torch.logsumexp(flat_t, 1))
+        g = torch.tensor(0.7, device=DEV)
+        grad = torch.ops.tpswarp._masked_kl_div_backward_stats(g, s, t, None, stats, True, "mean")
+        plain = torch.ops.tpswarp._masked_kl_div_backward(g, s, t, None, True, "mean", None, [True, False])[0]
+        torch.testing.assert_close(grad, plain, rtol=1e-6, atol=1e-9)
+        with pytest.raises(ValueError, match=r"`stats` must have shape \(2, 4, 99\)"):
+            torch.ops.tpswarp._masked_kl_div_backward_stats(g, s, t, None, stats[:1], True, "mean")
+        with pytest.raises(TypeError, match="`stats` must be Float"):
+            torch.ops.tpswarp._masked_kl_div_backward_stats(g, s, t, None, stats.double(), True, "mean")
+        torch.library.opcheck(torch.ops.tpswarp._masked_kl_div_with_stats, (s, t.softmax(1), None, False, "none"))
+        torch.library.opcheck(torch.ops.tpswarp._masked_kl_div_backward_stats, (g, s, t, None, stats, True, "mean"))
+    finally:
+        ctx.__exit__(None, None, None)
+
+
 def test_masked_kl_div_empty_mask(backend):
     s, t = kl_inputs((2, 4, 5, 6), F32, True)
     m = torch.zeros(2, 5, 6, dtype=torch.bool, device=DEV)

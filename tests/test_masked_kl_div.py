@@ -396,3 +396,84 @@ def test_bad_inputs(backend):
         tpswarp.masked_kl_div(s.numpy(), t)
     with pytest.raises(RuntimeError, match="`teacher`"):
         tpswarp.masked_kl_div(s, t.to("meta"))
+
+
+# --------------------------------------------------------------------------------------
+# 9. the statistics kept by the forward (_masked_kl_div_with_stats): the CUDA kernels' per-pixel
+#    code, served on the CPU by its scalar twin (tested here, not routed to on the CPU)
+# --------------------------------------------------------------------------------------
+def _stats_ops():
+    if not tpswarp.backends()["extension"]["built"]:
+        pytest.skip("the C++ extension is not built")
+    return torch.ops.tpswarp._masked_kl_div_with_stats, torch.ops.tpswarp._masked_kl_div_backward_stats
+
+
+@pytest.mark.parametrize("case", ["f32", "f64_3d", "bf16_cl", "f32_noncontig_extreme"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
+def test_statistics_ops_match_plain_ops(case, reduction, teacher_is_logits):
+    with_stats, backward_stats = _stats_ops()
+    gen = torch.Generator().manual_seed(21)
+    shape = SHAPES["3d"] if case.startswith("f64_3d") else (2, 19, 5, 6)
+    dtype = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16}[case.split("_")[0]]
+    s = 2 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    if case.endswith("extreme"):
+        s = s * 5e3
+    t = 2 * torch.randn(shape, generator=gen, dtype=torch.float64) if teacher_is_logits else _teacher_probs(shape, gen)
+    s, t = s.to(dtype), t.to(dtype)
+    if case.endswith("_cl"):
+        s, t = s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)
+    if "noncontig" in case:
+        s, t = non_contiguous(s), non_contiguous(t)
+    mask = _mask("float", shape, gen)
+    loss, stats = with_stats(s, t, mask, teacher_is_logits, reduction)
+    plain = torch.ops.tpswarp.masked_kl_div(s, t, mask, teacher_is_logits, reduction, None)
+    assert_close(loss, plain, dtype=dtype)
+    B, C = shape[:2]
+    N = s[0, 0].numel()
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    assert stats.shape == (B, 4, N) and stats.dtype == ct
+    live = (mask.reshape(B, N) != 0)
+    flat_s, flat_t = s.to(ct).reshape(B, C, N), t.to(ct).reshape(B, C, N)
+    assert torch.equal(stats[:, 0][live], flat_s.amax(1)[live])
+    torch.testing.assert_close((stats[:, 0] + stats[:, 1])[live], torch.logsumexp(flat_s, 1)[live])
+    if teacher_is_logits:
+        torch.testing.assert_close((stats[:, 2] + stats[:, 3])[live], torch.logsumexp(flat_t, 1)[live])
+    else:
+        torch.testing.assert_close(stats[:, 2][live], flat_t.sum(1)[live])
+    g = torch.randn(loss.shape, generator=gen, dtype=loss.dtype) + 0.5
+    grad = backward_stats(g, s, t, mask, stats, teacher_is_logits, reduction)
+    expected = torch.ops.tpswarp._masked_kl_div_backward(g, s, t, mask, teacher_is_logits, reduction, None,
+                                                         [True, False])[0]
+    assert grad.dtype == s.dtype and grad.stride() == expected.stride()
+    assert torch.isfinite(grad).all()
+    assert_close(grad, expected, grad=True, dtype=dtype)
+
+
+def test_statistics_ops_opcheck_and_errors():
+    with_stats, backward_stats = _stats_ops()
+    s, t = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5)
+    mask = torch.rand(2, 3, 5) > 0.3
+    torch.library.opcheck(with_stats, (s, t, mask, True, "mean"))
+    torch.library.opcheck(with_stats, (s, t.softmax(1), None, False, "none"))
+    _, stats = with_stats(s, t, mask, True, "mean")
+    g = torch.tensor(1.5)
+    torch.library.opcheck(backward_stats, (g, s, t, mask, stats, True, "mean"))
+    with pytest.raises(ValueError, match=r"`stats` must have shape \(2, 4, 15\)"):
+        backward_stats(g, s, t, mask, stats[:, :3], True, "mean")
+    with pytest.raises(TypeError, match="`stats` must be Float"):
+        backward_stats(g, s, t, mask, stats.double(), True, "mean")
+    with pytest.raises(ValueError, match="`stats` must be contiguous"):
+        backward_stats(g, s, t, mask, stats.transpose(0, 1).contiguous().transpose(0, 1), True, "mean")
+    empty = torch.zeros(0, 4, 3, 3)
+    loss, stats = with_stats(empty, empty, None, False, "mean")
+    assert loss.item() == 0.0 and stats.shape == (0, 4, 0)
+    assert backward_stats(g, empty, empty, None, stats, False, "mean").shape == empty.shape
+
+
+def test_statistics_not_routed_on_cpu(backend):
+    """On the CPU the C++ kernels keep their own paths (the statistics ops' CPU kernels are the twin of the
+    CUDA ones); the Triton backend (TRITON_INTERPRET=1) takes the statistics path."""
+    s = torch.randn(2, 4, 5, 6, requires_grad=True)
+    loss = tpswarp.masked_kl_div(s, torch.randn(2, 4, 5, 6), teacher_is_logits=True, reduction="none")
+    assert ("_masked_kl_div_with_stats" in loss.grad_fn.name()) == (backend == "triton")

@@ -203,6 +203,73 @@ def test_masked_kl_div_backward_output_mask_and_empty():
     assert tpswarp.masked_kl_div(empty, empty, reduction="none").shape == (0, 3, 3)
 
 
+# The student-only gradient: the forward keeps 4 statistics per pixel (_masked_kl_div_with_stats) and
+# the backward sweeps the classes once.
+@pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
+@pytest.mark.parametrize("reduction,mask", [("mean", "bool"), ("sum", None), ("none", "float"), ("mean", "empty")])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_masked_kl_div_statistics_from_forward(monkeypatch, teacher_is_logits, reduction, mask, kind):
+    s, t = kl_inputs((2, 7, 5, 6), F32, teacher_is_logits)
+    s, t = layout(s, kind), layout(t, kind)
+    m = make_mask(mask, 2, (5, 6))
+    g = randn(*((2, 5, 6) if reduction == "none" else ()), seed=3) + 0.5
+
+    def loss_and_grad(stats_env):
+        monkeypatch.setenv("TPSWARP_KL_STATS", stats_env)
+        leaf = s.detach().requires_grad_(True)
+        loss = tpswarp.masked_kl_div(leaf, t, m, teacher_is_logits=teacher_is_logits, reduction=reduction)
+        return loss, torch.autograd.grad(loss, leaf, g)[0]
+
+    loss, grad = loss_and_grad("1")
+    assert "_masked_kl_div_with_stats" in loss.grad_fn.name()
+    plain_loss, plain_grad = loss_and_grad("0")
+    assert "_masked_kl_div_with_stats" not in plain_loss.grad_fn.name()
+    # the same per-pixel statistics, kept instead of recomputed: the same bits
+    assert torch.equal(loss, plain_loss) and torch.equal(grad, plain_grad)
+    assert grad.stride() == s.stride()
+    kl_compare(s, t, m, teacher_is_logits, reduction, grad_mask=(True, False))
+
+
+@pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
+def test_masked_kl_div_statistics_extremes_and_orders(teacher_is_logits):
+    """Running maxima growing at different classes, logits of 1e4, half inputs, float64."""
+    s = ordered_logits((2, 37, 3, 5), "zigzag", seed=0).to(DEVICE)
+    t = ordered_logits((2, 37, 3, 5), "ascending", seed=1).to(DEVICE)
+    t = t if teacher_is_logits else torch.softmax(t / 8.0, dim=1)
+    kl_compare(s, t, make_mask("float", 2, (3, 5), F64), teacher_is_logits, "mean", grad_mask=(True, False))
+    s32, t32 = kl_inputs((2, 4, 3, 3), F32, teacher_is_logits)
+    kl_compare(s32 * 1e4, t32, None, teacher_is_logits, "sum", grad_mask=(True, False))
+    s16, t16 = kl_inputs((2, 4, 5, 6), torch.bfloat16, teacher_is_logits)
+    kl_compare(s16, t16, None, teacher_is_logits, "mean", grad_mask=(True, False), dtype=torch.bfloat16)
+
+
+def test_masked_kl_div_statistics_ops():
+    s, t = kl_inputs((2, 4, 3, 5), F32, True)
+    mask = make_mask("float", 2, (3, 5)).reshape(2, 3, 5)
+    loss, stats = torch.ops.tpswarp._masked_kl_div_with_stats(s, t, mask, True, "mean")
+    assert stats.shape == (2, 4, 15) and stats.dtype == F32
+    torch.testing.assert_close(stats[:, 0], s.reshape(2, 4, 15).amax(1))  # s_max
+    torch.testing.assert_close(stats[:, 0] + stats[:, 1], torch.logsumexp(s.reshape(2, 4, 15), 1))
+    torch.testing.assert_close(stats[:, 2] + stats[:, 3], torch.logsumexp(t.reshape(2, 4, 15), 1))
+    _, probs_stats = torch.ops.tpswarp._masked_kl_div_with_stats(s, t.softmax(1) * 0.5, None, False, "sum")
+    torch.testing.assert_close(probs_stats[:, 2], torch.full((2, 15), 0.5, device=DEVICE))  # the teacher's mass
+    assert torch.equal(probs_stats[:, 3], torch.zeros(2, 15, device=DEVICE))
+    g = torch.tensor(1.5, device=DEVICE)
+    grad = torch.ops.tpswarp._masked_kl_div_backward_stats(g, s, t, mask, stats, True, "mean")
+    expected = torch.ops.tpswarp._masked_kl_div_backward(g, s, t, mask, True, "mean", None, [True, False])[0]
+    assert torch.equal(grad, expected)
+    with pytest.raises(ValueError, match=r"`stats` must be .*\(2, 4, 15\)"):
+        torch.ops.tpswarp._masked_kl_div_backward_stats(g, s, t, mask, stats[:, :3], True, "mean")
+    for args in [(s, t, mask, True, "mean"), (s, t.softmax(1), None, False, "none")]:
+        torch.library.opcheck(torch.ops.tpswarp._masked_kl_div_with_stats, args)
+    torch.library.opcheck(torch.ops.tpswarp._masked_kl_div_backward_stats, (g, s, t, mask, stats, True, "mean"))
+    empty = torch.zeros(0, 4, 3, 3, device=DEVICE, requires_grad=True)
+    loss = tpswarp.masked_kl_div(empty, empty.detach())
+    assert "_masked_kl_div_with_stats" in loss.grad_fn.name() and loss.item() == 0.0
+    loss.backward()
+    assert empty.grad.shape == empty.shape
+
+
 # --------------------------------------------------------------------------------------------
 # photometric_jitter
 # --------------------------------------------------------------------------------------------
@@ -445,6 +512,7 @@ def test_fake_kernels_agree():
         (torch.ops.tpswarp.tps_warp, (image, src, params)),
         (torch.ops.tpswarp.photometric_jitter, (image, *p)),
         (torch.ops.tpswarp.masked_kl_div, (s, t, None, True, "none")),
+        (torch.ops.tpswarp._masked_kl_div_with_stats, (s, t, None, True, "mean")),
         (torch.ops.tpswarp.warped_kl_div, (s, t, src, params, True, False, "mean")),
     ]
     for op, args in calls:

@@ -77,6 +77,10 @@ def main(argv=None) -> int:
             gl = torch.ones(2, 8, 8) if red == "none" else g0
             attempt(f"masked_kl fwd {dt}", lambda: K.masked_kl_div_forward(s, t, m, logits, red))
             attempt(f"masked_kl bwd {dt}", lambda: K.masked_kl_div_backward(gl, s, t, m, logits, red, None, [True, True]))
+            stats = torch.zeros(2, 4, 64, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+            attempt(f"masked_kl fwd stats {dt}", lambda: K.masked_kl_div_with_stats(s, t, m, logits, red))
+            attempt(f"masked_kl bwd stats {dt}",
+                    lambda: K.masked_kl_div_backward_stats(gl, s, t, m, stats, logits, red))
         K.MAX_BLOCK_C = WK.MAX_BLOCK_C = 64
         img = torch.rand(2, 3, 8, 8, dtype=dt)
         p = torch.rand(2, dtype=dt)

@@ -19,15 +19,19 @@ BACKENDS = ("reference", "triton", "cpp")
 DEVICES = {"cpu": "CPU", "cuda": "CUDA"}
 
 _python_kernels: Dict[Tuple[str, str], Tuple[Callable, Callable]] = {}
+_python_helpers: Dict[Tuple[str, str], Dict[str, Callable]] = {}
 _native: Optional[Dict[Tuple[str, str], bool]] = None
 _override_lib: Optional[torch.library.Library] = None
 _forced: Optional[str] = None
 _selected: Dict[str, Dict[str, str]] = {}
 
 
-def register_python_backend(op: str, backend: str, forward: Callable, backward: Callable) -> None:
-    """Make ``forward`` and ``backward`` (kernels of ``op`` and ``_op_backward``) available as ``backend``."""
+def register_python_backend(op: str, backend: str, forward: Callable, backward: Callable,
+                            helpers: Optional[Dict[str, Callable]] = None) -> None:
+    """Make ``forward`` and ``backward`` (kernels of ``op`` and ``_op_backward``) available as ``backend``;
+    ``helpers`` maps other private ops of ``op`` (such as ``_masked_kl_div_with_stats``) to their kernels."""
     _python_kernels[(op, backend)] = (forward, backward)
+    _python_helpers[(op, backend)] = dict(helpers or {})
 
 
 def triton_available() -> bool:
@@ -94,6 +98,8 @@ def set_backend(backend: Optional[str] = None) -> None:
                 forward, backward = _python_kernels[(op, choice)]
                 lib.impl(op, forward, key)
                 lib.impl(f"_{op}_backward", backward, key)
+                for name, kernel in _python_helpers.get((op, choice), {}).items():
+                    lib.impl(name, kernel, key)
             selected[device][op] = choice
     _override_lib, _forced = lib, backend
     _selected.clear()

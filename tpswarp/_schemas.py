@@ -43,6 +43,14 @@ SCHEMAS = {
         "_masked_kl_div_with_grad(Tensor student_logits, Tensor teacher, Tensor? mask, bool teacher_is_logits, "
         "str reduction, int[]? size) -> (Tensor, Tensor)"
     ),
+    "_masked_kl_div_with_stats": (
+        "_masked_kl_div_with_stats(Tensor student_logits, Tensor teacher, Tensor? mask, bool teacher_is_logits, "
+        "str reduction) -> (Tensor, Tensor)"
+    ),
+    "_masked_kl_div_backward_stats": (
+        "_masked_kl_div_backward_stats(Tensor grad_loss, Tensor student_logits, Tensor teacher, Tensor? mask, "
+        "Tensor stats, bool teacher_is_logits, str reduction) -> Tensor"
+    ),
     "warped_kl_div": (
         "warped_kl_div(Tensor student_logits, Tensor teacher, Tensor src, Tensor params, "
         "bool teacher_is_logits=False, bool align_corners=False, str reduction=\"mean\", int[]? size=None) -> Tensor"

@@ -459,12 +459,109 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_with_grad_cpu(const at::Tensor&
   return {kl_reduce(kl, weights, reduction, {z.B, z.H, z.W}), std::get<0>(grads)};
 }
 
+// tpswarp::_masked_kl_div_with_stats and _masked_kl_div_backward_stats: the per-pixel code of the CUDA
+// kernels (one-sweep statistics, kl_stats_store / kl_stats_load of tpswarp/kl.h), scalar, so that the
+// CPU tests check the GPU's math. Not routed to on the CPU: the gradient in the forward
+// (_masked_kl_div_with_grad) and the blocked kernels serve the CPU's calls.
+std::tuple<at::Tensor, at::Tensor> masked_kl_div_with_stats_cpu(const at::Tensor& student_logits,
+                                                                const at::Tensor& teacher,
+                                                                const std::optional<at::Tensor>& mask,
+                                                                bool teacher_is_logits, c10::string_view reduction_name) {
+  check_inputs(student_logits, teacher);
+  const auto reduction = parse_reduction(reduction_name, kOp);
+  const auto dtype = kl_compute_dtype(student_logits, teacher);
+  const int64_t B = student_logits.size(0), C = student_logits.size(1);
+  const int64_t N = B * C == 0 ? 0 : student_logits.numel() / (B * C);
+  auto weights = kl_weights(mask, student_logits, dtype, kOp);
+  const auto in_dtype = student_logits.scalar_type() == teacher.scalar_type() ? student_logits.scalar_type() : dtype;
+  auto s = student_logits.to(in_dtype).reshape({B, C, N});
+  auto t = teacher.to(in_dtype).reshape({B, C, N});
+  auto kl = at::zeros({B, N}, student_logits.options().dtype(dtype));
+  auto stats = at::zeros({B, kKlStats, N}, student_logits.options().dtype(dtype));
+  if (B * N > 0 && C > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_with_stats_cpu", [&] {
+      using acc = acc_t<scalar_t>;
+      const scalar_t* sp = s.const_data_ptr<scalar_t>();
+      const scalar_t* tp = t.const_data_ptr<scalar_t>();
+      const acc* wp = weights.defined() ? weights.const_data_ptr<acc>() : nullptr;
+      acc* out = kl.mutable_data_ptr<acc>();
+      acc* stp = stats.mutable_data_ptr<acc>();
+      at::parallel_for(0, B * N, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = i / N, n = i % N;
+          const acc w = wp ? wp[i] : acc(1);
+          if (w == acc(0)) continue;  // loss and statistics 0 (the gradient is 0 there)
+          const auto st = kl_pixel<scalar_t>(sp + b * s.stride(0) + n * s.stride(2), s.stride(1),
+                                            tp + b * t.stride(0) + n * t.stride(2), t.stride(1), C,
+                                            teacher_is_logits, true);
+          out[i] = w * st.kl;
+          kl_stats_store(st, teacher_is_logits, stp + b * kKlStats * N + n, N);
+        }
+      });
+    });
+  }
+  return {kl_reduce(kl, weights, reduction, kl_loss_shape(student_logits)), stats};
+}
+
+at::Tensor masked_kl_div_backward_stats_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                            const at::Tensor& teacher, const std::optional<at::Tensor>& mask,
+                                            const at::Tensor& stats, bool teacher_is_logits,
+                                            c10::string_view reduction_name) {
+  check_inputs(student_logits, teacher);
+  const auto reduction = parse_reduction(reduction_name, kOp);
+  const auto dtype = kl_compute_dtype(student_logits, teacher);
+  const int64_t B = student_logits.size(0), C = student_logits.size(1);
+  const int64_t N = B * C == 0 ? 0 : student_logits.numel() / (B * C);
+  check_kl_stats(stats, B, N, dtype, student_logits, kOp);
+  auto weights = kl_weights(mask, student_logits, dtype, kOp);
+  auto factor = kl_grad_factor(grad_loss, weights, reduction, B, N, dtype);
+  const auto in_dtype = student_logits.scalar_type() == teacher.scalar_type() ? student_logits.scalar_type() : dtype;
+  at::Tensor grad_s = at::empty_like(student_logits);
+  at::Tensor gs = grad_s.scalar_type() != in_dtype ? at::empty_like(grad_s, grad_s.options().dtype(in_dtype)) : grad_s;
+  if (B * N > 0 && C > 0) {
+    auto s = student_logits.to(in_dtype).reshape({B, C, N});
+    auto t = teacher.to(in_dtype).reshape({B, C, N});
+    auto gs3 = gs.view({B, C, N});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_backward_stats_cpu", [&] {
+      using acc = acc_t<scalar_t>;
+      const scalar_t* sp = s.const_data_ptr<scalar_t>();
+      const scalar_t* tp = t.const_data_ptr<scalar_t>();
+      const acc* wp = weights.defined() ? weights.const_data_ptr<acc>() : nullptr;
+      const acc* fp = factor.const_data_ptr<acc>();
+      const int64_t f_step = factor.dim() == 0 ? 0 : 1;
+      const acc* stp = stats.const_data_ptr<acc>();
+      scalar_t* gp = gs3.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, B * N, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = i / N, n = i % N;
+          const acc scale = fp[i * f_step] * (wp ? wp[i] : acc(1));
+          scalar_t* gi = gp + b * gs3.stride(0) + n * gs3.stride(2);
+          if (scale == acc(0)) {
+            for (int64_t c = 0; c < C; ++c) gi[c * gs3.stride(1)] = scalar_t(0);
+            continue;
+          }
+          const auto st = kl_stats_load(stp + b * kKlStats * N + n, N, teacher_is_logits);
+          kl_pixel_grad<scalar_t>(sp + b * s.stride(0) + n * s.stride(2), s.stride(1),
+                                  tp + b * t.stride(0) + n * t.stride(2), t.stride(1), C, teacher_is_logits, st,
+                                  scale, gi, gs3.stride(1), static_cast<scalar_t*>(nullptr), 0);
+        }
+      });
+    });
+  } else {
+    gs.zero_();
+  }
+  if (!gs.is_same(grad_s)) grad_s.copy_(gs);
+  return grad_s;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tpswarp, CPU, m) {
   m.impl("masked_kl_div", &masked_kl_div_cpu);
   m.impl("_masked_kl_div_backward", &masked_kl_div_backward_cpu);
   m.impl("_masked_kl_div_with_grad", &masked_kl_div_with_grad_cpu);
+  m.impl("_masked_kl_div_with_stats", &masked_kl_div_with_stats_cpu);
+  m.impl("_masked_kl_div_backward_stats", &masked_kl_div_backward_stats_cpu);
 }
 
 }  // namespace tpswarp

@@ -47,28 +47,57 @@ Strides3 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.s
 // MAX_C > 0: at most MAX_C classes, held in registers (kl_regs.cuh); MAX_C == 0: any C (kl.h loaders).
 template <typename scalar_t, typename acc, int MAX_C>
 __global__ void kl_forward_kernel(const scalar_t* __restrict__ s, Strides3 ss, const scalar_t* __restrict__ t, Strides3 ts,
-                                  const acc* __restrict__ w, acc* __restrict__ out, int64_t total, int64_t N, int64_t C,
-                                  bool teacher_is_logits) {
+                                  const acc* __restrict__ w, acc* __restrict__ out, acc* __restrict__ stats,
+                                  int64_t total, int64_t N, int64_t C, bool teacher_is_logits) {
   const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (n >= N) return;
   for (int64_t b = blockIdx.y; b * N < total; b += gridDim.y) {
     const int64_t i = b * N + n;
     const acc wi = w ? w[i] : acc(1);
+    acc* sti = stats ? stats + b * kKlStats * N + n : nullptr;  // (B, kKlStats, N): kl.h's kl_stats_store
     if (wi == acc(0)) {
       out[i] = 0;
+      if (sti) kl_stats_store(KLPixel<acc>{}, teacher_is_logits, sti, N);  // never read: the gradient is 0 there
       continue;
     }
     const scalar_t* si = s + b * ss.b + n * ss.n;
     const scalar_t* ti = t + b * ts.b + n * ts.n;
+    KLPixel<acc> st;
     if constexpr (MAX_C == 0) {
-      const auto st = kl_pixel<scalar_t>(si, ss.c, ti, ts.c, C, teacher_is_logits, true);
-      out[i] = wi * st.kl;
+      st = kl_pixel<scalar_t>(si, ss.c, ti, ts.c, C, teacher_is_logits, true);
     } else {
       acc sv[MAX_C], tv[MAX_C];
       kl_load_regs<MAX_C, acc>([&](int c) { return static_cast<acc>(si[c * ss.c]); },
                                [&](int c) { return static_cast<acc>(ti[c * ts.c]); }, int(C), sv, tv);
-      out[i] = wi * kl_pixel_regs<MAX_C, acc>(sv, tv, int(C), teacher_is_logits).kl;
+      st = kl_pixel_regs<MAX_C, acc>(sv, tv, int(C), teacher_is_logits);
     }
+    out[i] = wi * st.kl;
+    if (sti) kl_stats_store(st, teacher_is_logits, sti, N);
+  }
+}
+
+// The student's gradient from the statistics the forward kept (`stats`, (B, kKlStats, N)): one sweep
+// over the classes instead of the statistics sweep and the gradient sweep of kl_backward_kernel.
+template <typename scalar_t, typename acc>
+__global__ void kl_backward_from_stats_kernel(const scalar_t* __restrict__ s, Strides3 ss,
+                                              const scalar_t* __restrict__ t, Strides3 ts,
+                                              const acc* __restrict__ stats, const acc* __restrict__ w,
+                                              const acc* __restrict__ factor, int64_t f_step, scalar_t* gs,
+                                              Strides3 gss, int64_t total, int64_t N, int64_t C,
+                                              bool teacher_is_logits) {
+  const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (n >= N) return;
+  for (int64_t b = blockIdx.y; b * N < total; b += gridDim.y) {
+    const int64_t i = b * N + n;
+    const acc scale = factor[i * f_step] * (w ? w[i] : acc(1));
+    scalar_t* gsi = gs + b * gss.b + n * gss.n;
+    if (scale == acc(0)) {
+      for (int64_t c = 0; c < C; ++c) gsi[c * gss.c] = scalar_t(0);
+      continue;
+    }
+    const auto st = kl_stats_load(stats + b * kKlStats * N + n, N, teacher_is_logits);
+    kl_pixel_grad<scalar_t>(s + b * ss.b + n * ss.n, ss.c, t + b * ts.b + n * ts.n, ts.c, C, teacher_is_logits, st,
+                            scale, gsi, gss.c, static_cast<scalar_t*>(nullptr), 0);
   }
 }
 
@@ -332,16 +361,11 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_sized_backward_cuda(const at::T
   return {grad_s, grad_t};
 }
 
-at::Tensor masked_kl_div_cuda(const at::Tensor& student_logits, const at::Tensor& teacher,
-                              const std::optional<at::Tensor>& mask, bool teacher_is_logits,
-                              c10::string_view reduction_name, at::OptionalIntArrayRef size) {
-  c10::cuda::CUDAGuard guard(student_logits.device());
-  if (size.has_value()) {
-    const auto reduction = parse_reduction(reduction_name, kOp);
-    return masked_kl_div_sized_cuda(student_logits, teacher, mask, teacher_is_logits, reduction, *size);
-  }
+// size=None forward: the loss, and with want_stats the statistics of kl_stats_store ((B, kKlStats, N)).
+std::tuple<at::Tensor, at::Tensor> masked_forward(const at::Tensor& student_logits, const at::Tensor& teacher,
+                                                  const std::optional<at::Tensor>& mask, bool teacher_is_logits,
+                                                  Reduction reduction, bool want_stats) {
   check_inputs(student_logits, teacher);
-  const auto reduction = parse_reduction(reduction_name, kOp);
   const auto dtype = kl_compute_dtype(student_logits, teacher);
   const int64_t B = student_logits.size(0), C = student_logits.size(1);
   const int64_t N = B * C == 0 ? 0 : student_logits.numel() / (B * C);
@@ -350,6 +374,7 @@ at::Tensor masked_kl_div_cuda(const at::Tensor& student_logits, const at::Tensor
   auto s = student_logits.to(in_dtype).reshape({B, C, N});
   auto t = teacher.to(in_dtype).reshape({B, C, N});
   auto kl = at::empty({B, N}, student_logits.options().dtype(dtype));
+  auto stats = at::empty({want_stats ? B : 0, kKlStats, N}, student_logits.options().dtype(dtype));
   const int64_t total = B * N;
   if (total > 0 && C > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
@@ -358,15 +383,37 @@ at::Tensor masked_kl_div_cuda(const at::Tensor& student_logits, const at::Tensor
       dispatch_max_classes(C, [&](auto max_c) {
         kl_forward_kernel<scalar_t, acc, decltype(max_c)::value><<<pixel_grid(B, N), kThreads, 0, stream>>>(
             s.const_data_ptr<scalar_t>(), strides_of(s), t.const_data_ptr<scalar_t>(), strides_of(t),
-            weights.defined() ? weights.const_data_ptr<acc>() : nullptr, kl.mutable_data_ptr<acc>(), total, N, C,
-            teacher_is_logits);
+            weights.defined() ? weights.const_data_ptr<acc>() : nullptr, kl.mutable_data_ptr<acc>(),
+            want_stats ? stats.mutable_data_ptr<acc>() : nullptr, total, N, C, teacher_is_logits);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   } else {
     kl.zero_();
+    stats.zero_();
   }
-  return kl_reduce(kl, weights, reduction, kl_loss_shape(student_logits));
+  return {kl_reduce(kl, weights, reduction, kl_loss_shape(student_logits)), stats};
+}
+
+at::Tensor masked_kl_div_cuda(const at::Tensor& student_logits, const at::Tensor& teacher,
+                              const std::optional<at::Tensor>& mask, bool teacher_is_logits,
+                              c10::string_view reduction_name, at::OptionalIntArrayRef size) {
+  c10::cuda::CUDAGuard guard(student_logits.device());
+  const auto reduction = parse_reduction(reduction_name, kOp);
+  if (size.has_value()) {
+    return masked_kl_div_sized_cuda(student_logits, teacher, mask, teacher_is_logits, reduction, *size);
+  }
+  return std::get<0>(masked_forward(student_logits, teacher, mask, teacher_is_logits, reduction, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_kl_div_with_stats_cuda(const at::Tensor& student_logits,
+                                                                 const at::Tensor& teacher,
+                                                                 const std::optional<at::Tensor>& mask,
+                                                                 bool teacher_is_logits,
+                                                                 c10::string_view reduction_name) {
+  c10::cuda::CUDAGuard guard(student_logits.device());
+  const auto reduction = parse_reduction(reduction_name, kOp);
+  return masked_forward(student_logits, teacher, mask, teacher_is_logits, reduction, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cuda(const at::Tensor& grad_loss,
@@ -424,11 +471,51 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cuda(const at::Tensor&
   return {grad_s, grad_t};
 }
 
+at::Tensor masked_kl_div_backward_stats_cuda(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                             const at::Tensor& teacher, const std::optional<at::Tensor>& mask,
+                                             const at::Tensor& stats, bool teacher_is_logits,
+                                             c10::string_view reduction_name) {
+  c10::cuda::CUDAGuard guard(student_logits.device());
+  check_inputs(student_logits, teacher);
+  const auto reduction = parse_reduction(reduction_name, kOp);
+  const auto dtype = kl_compute_dtype(student_logits, teacher);
+  const int64_t B = student_logits.size(0), C = student_logits.size(1);
+  const int64_t N = B * C == 0 ? 0 : student_logits.numel() / (B * C);
+  check_kl_stats(stats, B, N, dtype, student_logits, kOp);
+  auto weights = kl_weights(mask, student_logits, dtype, kOp);
+  auto factor = kl_grad_factor(grad_loss, weights, reduction, B, N, dtype);
+  const auto in_dtype = student_logits.scalar_type() == teacher.scalar_type() ? student_logits.scalar_type() : dtype;
+  at::Tensor grad_s = at::empty_like(student_logits);
+  at::Tensor gs = grad_s.scalar_type() != in_dtype ? at::empty_like(grad_s, grad_s.options().dtype(in_dtype)) : grad_s;
+  const int64_t total = B * N;
+  if (total > 0 && C > 0) {
+    auto s = student_logits.to(in_dtype).reshape({B, C, N});
+    auto t = teacher.to(in_dtype).reshape({B, C, N});
+    auto gs3 = gs.view({B, C, N});
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_backward_stats_cuda", [&] {
+      using acc = acc_t<scalar_t>;
+      kl_backward_from_stats_kernel<scalar_t, acc><<<pixel_grid(B, N), kThreads, 0, stream>>>(
+          s.const_data_ptr<scalar_t>(), strides_of(s), t.const_data_ptr<scalar_t>(), strides_of(t),
+          stats.const_data_ptr<acc>(), weights.defined() ? weights.const_data_ptr<acc>() : nullptr,
+          factor.const_data_ptr<acc>(), factor.dim() == 0 ? 0 : 1, gs3.mutable_data_ptr<scalar_t>(),
+          strides_of(gs3), total, N, C, teacher_is_logits);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else {
+    gs.zero_();
+  }
+  if (!gs.is_same(grad_s)) grad_s.copy_(gs);
+  return grad_s;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tpswarp, CUDA, m) {
   m.impl("masked_kl_div", &masked_kl_div_cuda);
   m.impl("_masked_kl_div_backward", &masked_kl_div_backward_cuda);
+  m.impl("_masked_kl_div_with_stats", &masked_kl_div_with_stats_cuda);
+  m.impl("_masked_kl_div_backward_stats", &masked_kl_div_backward_stats_cuda);
 }
 
 }  // namespace tpswarp

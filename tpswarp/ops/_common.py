@@ -1,5 +1,5 @@
 """Helpers shared by the op modules: schema definition, empty gradients, reference VJPs, the
-student's gradient computed in the forward of the KL ops."""
+student's gradient computed in the forward of the KL ops, and their statistics kept for the backward."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .._backend import selected
+from .._backend import DEVICES, selected
 from .._extension import _C
 from .._schemas import SCHEMAS
 
@@ -111,9 +111,7 @@ def gradient_in_forward(op: str, student_logits: torch.Tensor, others: Sequence,
     functorch: it would keep the graph's state in a compiled backward), and the C++ kernels: on the
     CPU; on CUDA (``warped_kl_div`` without ``size``) only with ``TPSWARP_CUDA_GRAD_IN_FORWARD=1``
     (tested on an H100, where it was no faster than the plain backward)."""
-    if not (torch.is_grad_enabled() and student_logits.requires_grad and reduction != "none"
-            and not any(x is not None and x.requires_grad for x in others)
-            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()):
+    if reduction == "none" or torch.compiler.is_compiling() or not _student_gradient_alone(student_logits, others):
         return False
     device = student_logits.device.type
     if device == "cpu":
@@ -121,6 +119,36 @@ def gradient_in_forward(op: str, student_logits: torch.Tensor, others: Sequence,
     return (device == "cuda" and size is None and os.environ.get("TPSWARP_CUDA_GRAD_IN_FORWARD") == "1"
             and selected(op, "cuda") == "cpp"
             and torch._C._dispatch_has_kernel_for_dispatch_key(f"tpswarp::_{op}_with_grad", "CUDA"))
+
+
+def _student_gradient_alone(student_logits: torch.Tensor, others: Sequence) -> bool:
+    """A gradient is wanted for ``student_logits`` and none of ``others`` (None allowed), outside
+    functorch transforms (they have no rule for the private ops)."""
+    return (torch.is_grad_enabled() and student_logits.requires_grad
+            and not any(x is not None and x.requires_grad for x in others)
+            and not torch._C._are_functorch_transforms_active())
+
+
+# ------------------------------------------------------------------------------------------------
+# The KL ops' per-pixel statistics kept by the forward for the backward (`_<op>_with_stats`)
+# ------------------------------------------------------------------------------------------------
+def statistics_in_forward(op: str, student_logits: torch.Tensor, others: Sequence, size=None) -> bool:
+    """True where ``_<op>_with_stats`` serves the call: a gradient wanted for the student alone, no
+    ``size``, and a backend with that op's kernel on the logits' device (CUDA and Triton; the C++ CPU
+    kernels compute the gradient in the forward instead, see :func:`gradient_in_forward`; their kernels of
+    the statistics ops are for tests).
+    ``TPSWARP_KL_STATS=0`` turns it off (for comparisons)."""
+    if size is not None or os.environ.get("TPSWARP_KL_STATS", "1") == "0":
+        return False
+    if not _student_gradient_alone(student_logits, others):
+        return False
+    device = student_logits.device.type
+    key = DEVICES.get(device)
+    backend = selected(op, device)
+    # The C++ CPU kernels of these ops are the scalar twin of the CUDA kernels (for tests), slower than the
+    # CPU's blocked kernels.
+    return (key is not None and (backend == "triton" or (backend == "cpp" and device == "cuda"))
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"tpswarp::_{op}_with_stats", key))
 
 
 def register_gradient_in_forward(op: str, setup_context: Callable, num_grads: int, num_inputs: int) -> None:

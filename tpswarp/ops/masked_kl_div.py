@@ -1,6 +1,7 @@
 """Public op ``tpswarp.masked_kl_div``."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -9,7 +10,8 @@ from .._backend import register_python_backend
 from .._validation import check_masked_kl_div, mask_to_weights, output_spatial
 from ..reference.masked_kl_div import masked_kl_div as reference_masked_kl_div
 from ..reference._tps_math import compute_dtype
-from ._common import gradient_in_forward, gradient_or_none, keep_layout, reference_vjp, register_gradient_in_forward
+from ._common import (gradient_in_forward, gradient_or_none, keep_layout, reference_vjp, register_gradient_in_forward,
+                      statistics_in_forward)
 
 
 def masked_kl_div(
@@ -44,6 +46,11 @@ def masked_kl_div(
             consistency) are fused: per-output-pixel statistics, then a deterministic gather
             per input pixel.
 
+    On CUDA (C++ and Triton kernels), when only ``student_logits`` requires a gradient and ``size``
+    is None, the forward also keeps 4 statistics per pixel (the class maxima and log-normalizers,
+    ``_masked_kl_div_with_stats``): the backward then sweeps the classes once instead of twice
+    (``TPSWARP_KL_STATS=0`` turns it off).
+
     With the C++ CPU kernels, when only ``student_logits`` requires a gradient (the teacher does
     not) and ``reduction`` is ``"mean"`` or ``"sum"``, the forward also computes the student's
     gradient from the same pass (``_masked_kl_div_with_grad``); the backward then only scales it
@@ -62,6 +69,8 @@ def masked_kl_div(
             None if size is None else [int(s) for s in size])
     if gradient_in_forward("masked_kl_div", student_logits, (teacher, weights), reduction):
         return torch.ops.tpswarp._masked_kl_div_with_grad(*args)[0]
+    if statistics_in_forward("masked_kl_div", student_logits, (teacher, weights), size):
+        return torch.ops.tpswarp._masked_kl_div_with_stats(*args[:5])[0]
     return torch.ops.tpswarp.masked_kl_div(*args)
 
 
@@ -110,6 +119,50 @@ def _fake_with_grad(student_logits, teacher, mask, teacher_is_logits, reduction,
 
 
 register_gradient_in_forward("masked_kl_div", _setup_context, num_grads=2, num_inputs=6)
+
+
+def _stats_shape(student_logits: torch.Tensor) -> tuple:
+    """``(B, 4, N)``: N pixels per item (0 when there are no classes, as in the kernels)."""
+    B, C = student_logits.shape[:2]
+    N = 0 if B * C == 0 else math.prod(student_logits.shape[2:])
+    return (B, 4, N)
+
+
+@torch.library.register_fake("tpswarp::_masked_kl_div_with_stats")
+def _fake_with_stats(student_logits, teacher, mask, teacher_is_logits, reduction):
+    loss = _fake(student_logits, teacher, mask, teacher_is_logits, reduction)
+    return loss, student_logits.new_empty(_stats_shape(student_logits), dtype=loss.dtype)
+
+
+@torch.library.register_fake("tpswarp::_masked_kl_div_backward_stats")
+def _fake_backward_stats(grad_loss, student_logits, teacher, mask, stats, teacher_is_logits, reduction):
+    return torch.empty_like(student_logits)
+
+
+def _setup_with_stats(ctx, inputs, output):
+    student_logits, teacher, mask, teacher_is_logits, reduction = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(student_logits, teacher, mask, output[1])
+    ctx.options = (teacher_is_logits, reduction)
+
+
+def _backward_with_stats(ctx, grad_loss, _):
+    if grad_loss is None:  # the loss took no part in what is differentiated
+        return (None,) * 5
+    student_logits, teacher, mask, stats = ctx.saved_tensors
+    grad_s = grad_t = None
+    if ctx.needs_input_grad[0]:
+        grad_s = torch.ops.tpswarp._masked_kl_div_backward_stats(grad_loss, student_logits, teacher, mask, stats,
+                                                                 *ctx.options)
+    if ctx.needs_input_grad[1]:  # not routed here (the teacher's gradient needs the divergence), but served
+        grad_t = torch.ops.tpswarp._masked_kl_div_backward(grad_loss, student_logits, teacher, mask, *ctx.options,
+                                                           None, [False, True])[1]
+    return grad_s, grad_t, None, None, None
+
+
+torch.library.register_autograd("tpswarp::_masked_kl_div_with_stats", _backward_with_stats,
+                                setup_context=_setup_with_stats)
 
 
 def _reference_forward(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean", size=None):

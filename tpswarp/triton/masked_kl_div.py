@@ -151,10 +151,10 @@ def _tile_grads(s, t, m, s_max, log_zs, t_max, log_zt, kl, p_sum, scale, TEACHER
 
 @triton.jit
 def _masked_kl_fwd_kernel(
-    s_ptr, t_ptr, w_ptr, out_ptr,
+    s_ptr, t_ptr, w_ptr, out_ptr, st_ptr,
     C, N, S2,
     ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w,
-    TEACHER_LOGITS: tl.constexpr, HAS_W: tl.constexpr, REDUCE_NONE: tl.constexpr,
+    TEACHER_LOGITS: tl.constexpr, HAS_W: tl.constexpr, REDUCE_NONE: tl.constexpr, STATS: tl.constexpr,
     BLOCK_P: tl.constexpr, ACC: tl.constexpr, MERGED: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -163,7 +163,18 @@ def _masked_kl_fwd_kernel(
     pmask = offs < N
     s_ptrs = s_ptr + b * ss_b + pixel_offsets(offs, S2, ss_h, ss_w, MERGED)
     t_ptrs = t_ptr + b * ts_b + pixel_offsets(offs, S2, ts_h, ts_w, MERGED)
-    _, _, _, _, kl, _ = _online_stats(s_ptrs, ss_c, t_ptrs, ts_c, C, pmask, TEACHER_LOGITS, ACC)
+    s_max, log_zs, t_max, log_zt, kl, p_sum = _online_stats(s_ptrs, ss_c, t_ptrs, ts_c, C, pmask, TEACHER_LOGITS,
+                                                            ACC)
+    if STATS:  # (B, 4, N): kl.h's kl_stats_store
+        st = st_ptr + b * (4 * N) + offs
+        tl.store(st, s_max, mask=pmask)
+        tl.store(st + N, log_zs, mask=pmask)
+        if TEACHER_LOGITS:
+            tl.store(st + 2 * N, t_max, mask=pmask)
+            tl.store(st + 3 * N, log_zt, mask=pmask)
+        else:
+            tl.store(st + 2 * N, p_sum, mask=pmask)
+            tl.store(st + 3 * N, tl.zeros_like(p_sum), mask=pmask)
     if HAS_W:
         wt = tl.load(w_ptr + b * N + offs, mask=pmask, other=0.0)
         kl = tl.where(wt != 0, kl * wt, 0.0)
@@ -176,13 +187,16 @@ def _masked_kl_fwd_kernel(
 
 @triton.jit
 def _masked_kl_bwd_kernel(
-    s_ptr, t_ptr, w_ptr, f_ptr, gs_ptr, gt_ptr,
+    s_ptr, t_ptr, w_ptr, f_ptr, gs_ptr, gt_ptr, st_ptr,
     C, N, S2,
     ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w,
     gs_b, gs_c, gs_h, gs_w, gt_b, gt_c, gt_h, gt_w,
     TEACHER_LOGITS: tl.constexpr, HAS_W: tl.constexpr, FACTOR_PER_PIXEL: tl.constexpr,
-    WANT_S: tl.constexpr, WANT_T: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr, MERGED: tl.constexpr,
+    WANT_S: tl.constexpr, WANT_T: tl.constexpr, FROM_STATS: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr, MERGED: tl.constexpr,
 ):
+    """The gradients; ``FROM_STATS``: the student's alone, from the forward's statistics at ``st_ptr``
+    (one sweep over the classes instead of two)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -199,8 +213,22 @@ def _masked_kl_bwd_kernel(
     live = pmask & (scale != 0)
     gs_ptrs = gs_ptr + b * gs_b + pixel_offsets(offs, S2, gs_h, gs_w, MERGED)
     gt_ptrs = gt_ptr + b * gt_b + pixel_offsets(offs, S2, gt_h, gt_w, MERGED)
-    s_max, log_zs, t_max, log_zt, kl, p_sum = _online_stats(s_ptrs, ss_c, t_ptrs, ts_c, C, pmask,
-                                                            TEACHER_LOGITS, ACC)
+    if FROM_STATS:
+        st = st_ptr + b * (4 * N) + offs
+        s_max = tl.load(st, mask=pmask, other=0.0)
+        log_zs = tl.load(st + N, mask=pmask, other=0.0)
+        kl = tl.zeros_like(s_max)
+        if TEACHER_LOGITS:
+            t_max = tl.load(st + 2 * N, mask=pmask, other=0.0)
+            log_zt = tl.load(st + 3 * N, mask=pmask, other=0.0)
+            p_sum = tl.full(s_max.shape, 1.0, s_max.dtype)
+        else:
+            t_max = tl.zeros_like(s_max)
+            log_zt = tl.zeros_like(s_max)
+            p_sum = tl.load(st + 2 * N, mask=pmask, other=0.0)
+    else:
+        s_max, log_zs, t_max, log_zt, kl, p_sum = _online_stats(s_ptrs, ss_c, t_ptrs, ts_c, C, pmask,
+                                                                TEACHER_LOGITS, ACC)
     for c in range(0, C):
         s = tl.load(s_ptrs + c * ss_c, mask=pmask, other=0.0).to(ACC)
         t = tl.load(t_ptrs + c * ts_c, mask=pmask, other=0.0).to(ACC)
@@ -247,6 +275,16 @@ def _reduce(kl_or_partials, weights, reduction, numel, ct):
 def masked_kl_div_forward(student_logits, teacher, mask=None, teacher_is_logits=False, reduction="mean", size=None):
     if size is not None:
         return masked_kl_div_size_forward(student_logits, teacher, mask, teacher_is_logits, reduction, size)
+    return _forward(student_logits, teacher, mask, teacher_is_logits, reduction, False)[0]
+
+
+def masked_kl_div_with_stats(student_logits, teacher, mask, teacher_is_logits, reduction):
+    """``_masked_kl_div_with_stats``: the loss and the per-pixel statistics ``(B, 4, N)`` of the
+    student's gradient (kl.h's ``kl_stats_store``)."""
+    return _forward(student_logits, teacher, mask, teacher_is_logits, reduction, True)
+
+
+def _forward(student_logits, teacher, mask, teacher_is_logits, reduction, want_stats):
     _check(student_logits, teacher, reduction)
     ct = acc_dtype(student_logits, teacher)
     B, C = student_logits.shape[:2]
@@ -254,23 +292,25 @@ def masked_kl_div_forward(student_logits, teacher, mask=None, teacher_is_logits=
     N = math.prod(spatial)
     weights = _weights(mask, student_logits, ct)
     dev = student_logits.device
+    stats = torch.zeros((B if want_stats else 0, 4, 0 if B * C == 0 else N), dtype=ct, device=dev)
     if B * N == 0 or C == 0:
         kl = torch.zeros((B, *spatial), dtype=ct, device=dev)
-        return kl if reduction == "none" else _reduce(kl, weights, reduction, B * N, ct)
+        return (kl if reduction == "none" else _reduce(kl, weights, reduction, B * N, ct)), stats
     s4, t4 = as_4d(student_logits), as_4d(teacher)
     nprog = triton.cdiv(N, PIXEL_BLOCK)
     reduce_none = reduction == "none"
     out = torch.empty((B, N) if reduce_none else (B, nprog), dtype=ct, device=dev)
     with device_guard(student_logits):
         _masked_kl_fwd_kernel[(nprog, B)](
-            s4, t4, weights if weights is not None else out, out,
+            s4, t4, weights if weights is not None else out, out, stats if want_stats else out,
             C, N, s4.shape[3], *strides4(s4), *strides4(t4),
             TEACHER_LOGITS=bool(teacher_is_logits), HAS_W=weights is not None, REDUCE_NONE=reduce_none,
-            BLOCK_P=PIXEL_BLOCK, ACC=tl_dtype(ct), MERGED=merged_pixels(s4, t4), num_warps=PIXEL_WARPS,
+            STATS=want_stats, BLOCK_P=PIXEL_BLOCK, ACC=tl_dtype(ct), MERGED=merged_pixels(s4, t4),
+            num_warps=PIXEL_WARPS,
         )
     if reduce_none:
-        return out.reshape(B, *spatial)
-    return _reduce(out, weights, reduction, B * N, ct)
+        return out.reshape(B, *spatial), stats
+    return _reduce(out, weights, reduction, B * N, ct), stats
 
 
 def _grad_buffer(x: torch.Tensor, needed: bool) -> torch.Tensor:
@@ -285,6 +325,23 @@ def masked_kl_div_backward(grad_loss, student_logits, teacher, mask, teacher_is_
     if size is not None:
         return masked_kl_div_size_backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction,
                                            size, output_mask)
+    return _backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, output_mask, None)
+
+
+def masked_kl_div_backward_stats(grad_loss, student_logits, teacher, mask, stats, teacher_is_logits, reduction):
+    """``_masked_kl_div_backward_stats``: the student's gradient from the forward's statistics."""
+    B, C = student_logits.shape[:2]
+    N = 0 if B * C == 0 else math.prod(student_logits.shape[2:])
+    ct = acc_dtype(student_logits, teacher)
+    if tuple(stats.shape) != (B, 4, N) or stats.dtype != ct or stats.device != student_logits.device:
+        raise ValueError(f"masked_kl_div: `stats` must be {ct} of shape {(B, 4, N)} on {student_logits.device} "
+                         f"(from the forward of these inputs), got {stats.dtype} {tuple(stats.shape)} on "
+                         f"{stats.device}")
+    return _backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, (True, False),
+                     stats.contiguous())[0]
+
+
+def _backward(grad_loss, student_logits, teacher, mask, teacher_is_logits, reduction, output_mask, stats):
     _check(student_logits, teacher, reduction)
     want_s, want_t = bool(output_mask[0]), bool(output_mask[1])
     grad_s = _grad_buffer(student_logits, want_s)
@@ -311,10 +368,10 @@ def masked_kl_div_backward(grad_loss, student_logits, teacher, mask, teacher_is_
     with device_guard(student_logits):
         _masked_kl_bwd_kernel[(triton.cdiv(N, PIXEL_BLOCK), B)](
             s4, t4, weights if weights is not None else factor, factor,
-            gs4 if want_s else factor, gt4 if want_t else factor,
+            gs4 if want_s else factor, gt4 if want_t else factor, stats if stats is not None else factor,
             C, N, s4.shape[3], *strides4(s4), *strides4(t4), *strides4(gs4), *strides4(gt4),
             TEACHER_LOGITS=bool(teacher_is_logits), HAS_W=weights is not None,
-            FACTOR_PER_PIXEL=reduction == "none", WANT_S=want_s, WANT_T=want_t,
+            FACTOR_PER_PIXEL=reduction == "none", WANT_S=want_s, WANT_T=want_t, FROM_STATS=stats is not None,
             BLOCK_P=PIXEL_BLOCK, ACC=tl_dtype(ct), MERGED=merged_pixels(s4, t4, gs4, gt4), num_warps=PIXEL_WARPS,
         )
     return grad_s, grad_t
@@ -613,4 +670,6 @@ def masked_kl_div_size_backward(grad_loss, student_logits, teacher, mask, teache
     return grad_s, grad_t
 
 
-register_python_backend("masked_kl_div", "triton", masked_kl_div_forward, masked_kl_div_backward)
+register_python_backend("masked_kl_div", "triton", masked_kl_div_forward, masked_kl_div_backward,
+                        {"_masked_kl_div_with_stats": masked_kl_div_with_stats,
+                         "_masked_kl_div_backward_stats": masked_kl_div_backward_stats})

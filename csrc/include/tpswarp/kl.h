@@ -150,6 +150,33 @@ TPSWARP_HOST_DEVICE inline void kl_pixel_grad_loaded(const LoadS& load_s, const 
   }
 }
 
+// The statistics the student's gradient needs, kept between a forward and its backward
+// (`_masked_kl_div_with_stats`): kKlStats rows `stride` apart, s_max, log_zs, then t_max and log_zt
+// (teacher logits) or p_sum and 0 (probabilities). The divergence itself is not kept: the teacher's
+// gradient (which needs it) is not served from them.
+constexpr int kKlStats = 4;
+
+template <typename acc>
+TPSWARP_HOST_DEVICE TPSWARP_INLINE void kl_stats_store(const KLPixel<acc>& st, bool teacher_is_logits, acc* out,
+                                                       int64_t stride) {
+  out[0] = st.s_max;
+  out[stride] = st.log_zs;
+  out[2 * stride] = teacher_is_logits ? st.t_max : st.p_sum;
+  out[3 * stride] = teacher_is_logits ? st.log_zt : acc(0);
+}
+
+template <typename acc>
+TPSWARP_HOST_DEVICE TPSWARP_INLINE KLPixel<acc> kl_stats_load(const acc* in, int64_t stride, bool teacher_is_logits) {
+  KLPixel<acc> st;
+  st.s_max = in[0];
+  st.log_zs = in[stride];
+  st.t_max = teacher_is_logits ? in[2 * stride] : acc(0);
+  st.log_zt = teacher_is_logits ? in[3 * stride] : acc(0);
+  st.p_sum = teacher_is_logits ? acc(1) : in[2 * stride];
+  st.kl = 0;
+  return st;
+}
+
 // Pointer forms: `s`, `t` point at class 0 of the pixel; `ss`, `ts` are the class strides.
 // one_sweep: kl_pixel_online_loaded instead of kl_pixel_loaded.
 template <typename scalar_t, typename acc = acc_t<scalar_t>>

@@ -76,6 +76,19 @@ inline at::Tensor kl_reduce(const at::Tensor& kl, const at::Tensor& weights, Red
   return total.div(at::where(count.ne(0), count, at::scalar_tensor(1.0, kl.options())));
 }
 
+// `stats` of `_<op>_with_stats`, handed back to `_<op>_backward_stats`: (B, 4, N) of the compute dtype
+// (4: kKlStats of kl.h), contiguous, on the logits' device.
+inline void check_kl_stats(const at::Tensor& stats, int64_t B, int64_t N, at::ScalarType dtype,
+                           const at::Tensor& student, const char* op) {
+  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == B && stats.size(1) == 4 && stats.size(2) == N, op,
+                    ": `stats` must have shape (", B, ", 4, ", N, ") (from the forward of these inputs), got ",
+                    show(stats.sizes()));
+  TORCH_CHECK_TYPE(stats.scalar_type() == dtype, op, ": `stats` must be ", dtype, ", got ", stats.scalar_type());
+  TORCH_CHECK(stats.device() == student.device(), op, ": `stats` is on ", stats.device(),
+              " but `student_logits` is on ", student.device());
+  TORCH_CHECK_VALUE(stats.is_contiguous(), op, ": `stats` must be contiguous");
+}
+
 inline std::vector<int64_t> kl_loss_shape(const at::Tensor& student) {
   std::vector<int64_t> shape{student.size(0)};
   for (int64_t d = 2; d < student.dim(); ++d) shape.push_back(student.size(d));
