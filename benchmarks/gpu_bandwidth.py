@@ -136,14 +136,24 @@ def bench_streaming(device, dtype, quick, repeats, copy_gbs, rows, only=None):
                 ("backward without statistics", bwd_plain, nbytes(s, t_logits, mask, s))]
     cases["masked_kl_div"] = masked
 
-    # warped_kl_div: the teacher is read once (gathers), grads to the student and the TPS params.
+    # warped_kl_div: the teacher is read once (gathers), grads to the student and the TPS params; then the
+    # one-way case (the student's gradient alone: statistics kept by the forward, and without them).
     def warped(backend):
         ss = s.detach().requires_grad_()
         pp = params.detach().requires_grad_()
         loss = tpswarp.warped_kl_div(ss, t_logits, src, pp, teacher_is_logits=True)
+        student_loss = tpswarp.warped_kl_div(ss, t_logits, src, params, teacher_is_logits=True)
+        with kl_statistics_off():
+            plain_loss = tpswarp.warped_kl_div(ss, t_logits, src, params, teacher_is_logits=True)
         fwd = lambda: tpswarp.warped_kl_div(s, t_logits, src, params, teacher_is_logits=True)  # noqa: E731
+        fwd_stats = lambda: tpswarp.warped_kl_div(ss, t_logits, src, params, teacher_is_logits=True)  # noqa: E731
         bwd = lambda: torch.autograd.grad(loss, (ss, pp), retain_graph=True)  # noqa: E731
-        return [("forward", fwd, nbytes(s, t_logits)), ("backward", bwd, nbytes(s, t_logits, s))]
+        bwd_student = lambda: torch.autograd.grad(student_loss, ss, retain_graph=True)  # noqa: E731
+        bwd_plain = lambda: torch.autograd.grad(plain_loss, ss, retain_graph=True)  # noqa: E731
+        moved = nbytes(s, t_logits, s)
+        return [("forward", fwd, nbytes(s, t_logits)), ("forward keeping statistics", fwd_stats, nbytes(s, t_logits)),
+                ("backward", bwd, moved), ("backward, student only", bwd_student, moved),
+                ("backward, student only, without statistics", bwd_plain, moved)]
     cases["warped_kl_div"] = warped
 
     def jitter(backend):

@@ -314,6 +314,73 @@ def test_masked_kl_statistics_from_forward(backend, monkeypatch, teacher_is_logi
             dtype=dtype if dtype == BF16 else None)
 
 
+@pytest.mark.parametrize("dtype,kind", [(F32, "contiguous"), (F64, "non_contiguous"), (BF16, "channels_last")],
+                         ids=["f32", "f64-noncontig", "bf16-cl"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
+def test_warped_kl_statistics_from_forward(backend, monkeypatch, teacher_is_logits, reduction, dtype, kind):
+    """One-way consistency (the student's gradient alone): the forward keeps 5 values per pixel
+    (_warped_kl_div_with_stats), the backward sweeps the classes once without the validity pass.
+    Against the plain backward (TPSWARP_KL_STATS=0), the register path of the CUDA forward
+    (TPSWARP_CUDA_KL_REGS=1), and the reference."""
+    s, _ = kl_inputs((2, 19, 61, 67), dtype, teacher_is_logits)
+    t = 2 * smooth(2, 19, 53, 71, dtype=F64, seed=1)
+    t = (t if teacher_is_logits else torch.softmax(t, dim=1)).to(dtype)
+    s, t = layout(s, kind), layout(t, kind)
+    src, _, params = tps(2, F64 if dtype == F64 else F32, seed=4)
+    kw = dict(teacher_is_logits=teacher_is_logits, reduction=reduction)
+    settings = [("1", "0"), ("0", "0")] + ([("1", "1")] if backend == "cpp" else [])
+    results = []
+    ctx = use(backend, "warped_kl_div")
+    try:
+        for stats_flag, regs_flag in settings:
+            monkeypatch.setenv("TPSWARP_KL_STATS", stats_flag)
+            monkeypatch.setenv("TPSWARP_CUDA_KL_REGS", regs_flag)
+            leaf = s.detach().requires_grad_(True)
+            loss = tpswarp.warped_kl_div(leaf, t, src, params, **kw)
+            assert ("_warped_kl_div_with_stats" in loss.grad_fn.name()) == (stats_flag == "1")
+            grad = torch.autograd.grad(loss, leaf, randn(*loss.shape, dtype=loss.dtype, seed=3) + 0.5)[0]
+            assert grad.stride() == s.stride()
+            results.append((loss.detach(), grad))
+        torch.cuda.synchronize()
+    finally:
+        ctx.__exit__(None, None, None)
+    (loss, grad), *others = results
+    for other_loss, other_grad in others:
+        torch.testing.assert_close(loss, other_loss, rtol=1e-6, atol=1e-7)
+        assert_close(grad, other_grad, grad=True, dtype=dtype)
+    compare(backend, "warped_kl_div", lambda a, b, c, p: tpswarp.warped_kl_div(a, b, c, p, **kw),
+            lambda a, b, c, p: reference.warped_kl_div(a, b, c, p, **kw), (s, t, src, params),
+            (True, False, False, False), dtype=dtype if dtype == BF16 else None, loose=dtype != F64)
+
+
+def test_warped_kl_statistics_ops_cuda():
+    """The private ops directly (C++ kernels): validity and statistics against torch, the backward from
+    them against the plain backward, opcheck, a clear error for statistics of other inputs."""
+    ctx = use("cpp", "warped_kl_div")
+    try:
+        s, t = kl_inputs((2, 40, 9, 11), F32, True)
+        src, _, params = tps(2, F32, scale=0.5, seed=4)
+        loss, stats = torch.ops.tpswarp._warped_kl_div_with_stats(s, t, src, params, True, False, "mean")
+        with tpswarp.use_backend("reference"):
+            _, valid = tpswarp.tps_warp(t, src, params)
+        assert torch.equal(stats[:, 4], valid.reshape(2, 99).float())
+        live = valid.reshape(2, 99)
+        torch.testing.assert_close(stats[:, 0][live], s.reshape(2, 40, 99).amax(1)[live])
+        g = torch.tensor(0.7, device=DEV)
+        grad = torch.ops.tpswarp._warped_kl_div_backward_stats(g, s, t, src, params, stats, True, False, "mean")
+        plain = torch.ops.tpswarp._warped_kl_div_backward(g, s, t, src, params, True, False, "mean", None,
+                                                          [True, False, False, False])[0]
+        torch.testing.assert_close(grad, plain, rtol=1e-6, atol=1e-9)
+        with pytest.raises(ValueError, match=r"`stats` must have shape \(2, 5, 99\)"):
+            torch.ops.tpswarp._warped_kl_div_backward_stats(g, s, t, src, params, stats[:, :4], True, False, "mean")
+        torch.library.opcheck(torch.ops.tpswarp._warped_kl_div_with_stats, (s, t, src, params, True, True, "none"))
+        torch.library.opcheck(torch.ops.tpswarp._warped_kl_div_backward_stats,
+                              (g, s, t, src, params, stats, True, False, "mean"))
+    finally:
+        ctx.__exit__(None, None, None)
+
+
 def test_masked_kl_statistics_ops_cuda():
     """The private ops directly (C++ kernels): the statistics against torch, the backward from them
     against the plain backward, opcheck, and a clear error for statistics of other inputs."""

@@ -188,7 +188,8 @@ def test_environment_variable_in_subprocess():
 # --------------------------------------------------------------------------------------
 def test_schemas_match_table():
     helpers = {"_masked_kl_div_with_grad", "_warped_kl_div_with_grad",  # loss and student gradient in one pass
-               "_masked_kl_div_with_stats", "_masked_kl_div_backward_stats"}  # statistics kept for the backward
+               "_masked_kl_div_with_stats", "_masked_kl_div_backward_stats",  # statistics kept for the backward
+               "_warped_kl_div_with_stats", "_warped_kl_div_backward_stats"}
     assert set(SCHEMAS) == set(PUBLIC_OPS) | {f"_{op}_backward" for op in PUBLIC_OPS} | helpers
     for name, schema in SCHEMAS.items():
         assert schema.startswith(name + "(")

@@ -474,6 +474,69 @@ def test_warped_kl_div_half(dtype):
     warped_compare(to_channels_last(s), t, src, params, False, "mean", dtype=dtype)
 
 
+# The student-only gradient (one-way consistency): the forward keeps 5 values per pixel
+# (_warped_kl_div_with_stats) and the backward sweeps the classes once, without the validity pass.
+@pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_warped_kl_div_statistics_from_forward(monkeypatch, teacher_is_logits, reduction, kind):
+    s, _ = kl_inputs((2, 7, 6, 5), F32, teacher_is_logits)
+    _, t = kl_inputs((2, 7, 5, 8), F32, teacher_is_logits, seed=3)
+    s, t = layout(s, kind), layout(t, kind)
+    src, params = tps(2, F32, scale=0.4, seed=2)
+    g = randn(*((2, 6, 5) if reduction == "none" else ()), seed=3) + 0.5
+
+    def loss_and_grad(stats_env):
+        monkeypatch.setenv("TPSWARP_KL_STATS", stats_env)
+        leaf = s.detach().requires_grad_(True)
+        loss = tpswarp.warped_kl_div(leaf, t, src, params, teacher_is_logits=teacher_is_logits, reduction=reduction)
+        return loss, torch.autograd.grad(loss, leaf, g)[0]
+
+    loss, grad = loss_and_grad("1")
+    assert "_warped_kl_div_with_stats" in loss.grad_fn.name()
+    plain_loss, plain_grad = loss_and_grad("0")
+    assert "_warped_kl_div_with_stats" not in plain_loss.grad_fn.name()
+    assert torch.equal(loss, plain_loss) and torch.equal(grad, plain_grad)  # kept instead of recomputed
+    assert grad.stride() == s.stride()
+    warped_compare(s, t, src, params, teacher_is_logits, reduction, grad_mask=(True, False, False, False))
+
+
+def test_warped_kl_div_statistics_edge_cases():
+    """Running maxima, an empty mask (everything warped out), half inputs, float64; the statistics
+    against torch; the private ops under opcheck; statistics of other inputs rejected."""
+    s = ordered_logits((2, 37, 4, 5), "zigzag", seed=0).to(DEVICE)
+    t = ordered_logits((2, 37, 5, 6), "ascending", seed=1).to(DEVICE)
+    src, params = tps(2, F64, scale=0.3)
+    warped_compare(s, t, src, params, True, "mean", grad_mask=(True, False, False, False))
+    far = params.clone()
+    far[:, -3, :] += 10.0  # everything outside the teacher: loss and gradient 0
+    outs, grads = warped_compare(s, t, src, far, True, "mean", grad_mask=(True, False, False, False))
+    assert outs[0].item() == 0.0 and grads[0].abs().max().item() == 0.0
+    s16, t16 = kl_inputs((2, 4, 5, 6), torch.bfloat16, False)
+    src32, params32 = tps(2, F32, scale=0.3)
+    warped_compare(s16, t16, src32, params32, False, "mean", grad_mask=(True, False, False, False),
+                   dtype=torch.bfloat16)
+
+    s32, t32 = kl_inputs((2, 4, 5, 6), F32, True)
+    loss, stats = torch.ops.tpswarp._warped_kl_div_with_stats(s32, t32, src32, params32, True, False, "mean")
+    assert stats.shape == (2, 5, 30) and stats.dtype == F32
+    _, valid = reference.tps_warp(t32, src32, params32)
+    assert torch.equal(stats[:, 4], valid.reshape(2, 30).to(F32))
+    live = valid.reshape(2, 30)
+    torch.testing.assert_close(stats[:, 0][live], s32.reshape(2, 4, 30).amax(1)[live])
+    gl = torch.tensor(0.8, device=DEVICE)
+    grad = torch.ops.tpswarp._warped_kl_div_backward_stats(gl, s32, t32, src32, params32, stats, True, False, "mean")
+    plain = torch.ops.tpswarp._warped_kl_div_backward(gl, s32, t32, src32, params32, True, False, "mean", None,
+                                                      [True, False, False, False])[0]
+    assert torch.equal(grad, plain)
+    with pytest.raises(ValueError, match=r"`stats` must be .*\(2, 5, 30\)"):
+        torch.ops.tpswarp._warped_kl_div_backward_stats(gl, s32, t32, src32, params32, stats[:, :4], True, False,
+                                                        "mean")
+    torch.library.opcheck(torch.ops.tpswarp._warped_kl_div_with_stats, (s32, t32, src32, params32, True, False, "sum"))
+    torch.library.opcheck(torch.ops.tpswarp._warped_kl_div_backward_stats,
+                          (gl, s32, t32, src32, params32, stats, True, False, "mean"))
+
+
 def test_warped_kl_div_deterministic_scatter():
     s, t = kl_inputs((2, 3, 4, 5), F64, True)
     src, params = tps(2, F64, scale=0.3)
@@ -513,6 +576,7 @@ def test_fake_kernels_agree():
         (torch.ops.tpswarp.photometric_jitter, (image, *p)),
         (torch.ops.tpswarp.masked_kl_div, (s, t, None, True, "none")),
         (torch.ops.tpswarp._masked_kl_div_with_stats, (s, t, None, True, "mean")),
+        (torch.ops.tpswarp._warped_kl_div_with_stats, (s, t, src, params, True, False, "none")),
         (torch.ops.tpswarp.warped_kl_div, (s, t, src, params, True, False, "mean")),
     ]
     for op, args in calls:

@@ -426,3 +426,84 @@ def test_bad_inputs(backend):
         tpswarp.warped_kl_div(student, teacher, src, params, reduction="batchmean")
     with pytest.raises(RuntimeError, match="`params`"):
         tpswarp.warped_kl_div(student, teacher, src, params.to("meta"))
+
+
+# --------------------------------------------------------------------------------------
+# 9. the statistics kept by the forward (_warped_kl_div_with_stats): the CUDA kernels' per-pixel
+#    code (warp_pixel of csrc/include/tpswarp/warped_kl.h), served on the CPU by its scalar twin
+#    (tested here, not routed to on the CPU)
+# --------------------------------------------------------------------------------------
+def _stats_ops():
+    if not tpswarp.backends()["extension"]["built"]:
+        pytest.skip("the C++ extension is not built")
+    return torch.ops.tpswarp._warped_kl_div_with_stats, torch.ops.tpswarp._warped_kl_div_backward_stats
+
+
+@pytest.mark.parametrize("case", ["f32", "f64_align", "bf16_cl", "f32_noncontig_extreme", "f32_far"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
+def test_statistics_ops_match_plain_ops(case, reduction, teacher_is_logits):
+    with_stats, backward_stats = _stats_ops()
+    dtype = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16}[case.split("_")[0]]
+    student, teacher, src, params = _inputs(2, 19, 9, 10, 7, 12, teacher_is_logits=teacher_is_logits, seed=5,
+                                            scale=0.4)
+    if case.endswith("extreme"):
+        student = student * 5e3
+    if case.endswith("far"):
+        params[0, -3, :] += 10.0  # item 0 warped entirely outside the teacher: weight 0 everywhere
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    src, params = src.to(dtype if dtype == torch.float64 else torch.float32), params.to(
+        dtype if dtype == torch.float64 else torch.float32)
+    if case.endswith("_cl"):
+        student, teacher = to_channels_last(student), to_channels_last(teacher)
+    if "noncontig" in case:
+        student, teacher = non_contiguous(student), non_contiguous(teacher)
+    align = case.endswith("align")
+    loss, stats = with_stats(student, teacher, src, params, teacher_is_logits, align, reduction)
+    plain = torch.ops.tpswarp.warped_kl_div(student, teacher, src, params, teacher_is_logits, align, reduction, None)
+    assert_close(loss, plain, dtype=dtype)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    assert stats.shape == (2, 5, 90) and stats.dtype == ct
+    _, valid = tpswarp.reference.tps_warp(teacher.to(ct), src, params, align_corners=align, size=(9, 10))
+    assert torch.equal(stats[:, 4], valid.reshape(2, 90).to(ct))
+    live = valid.reshape(2, 90)
+    assert torch.equal(stats[:, 0][live], student.to(ct).reshape(2, 19, 90).amax(1)[live])
+    torch.testing.assert_close((stats[:, 0] + stats[:, 1])[live], torch.logsumexp(student.to(ct).reshape(2, 19, 90),
+                                                                                  1)[live])
+    gen = torch.Generator().manual_seed(3)
+    g = torch.rand(loss.shape, generator=gen, dtype=loss.dtype) + 0.5
+    grad = backward_stats(g, student, teacher, src, params, stats, teacher_is_logits, align, reduction)
+    expected = torch.ops.tpswarp._warped_kl_div_backward(g, student, teacher, src, params, teacher_is_logits, align,
+                                                         reduction, None, [True, False, False, False])[0]
+    assert grad.dtype == student.dtype and grad.stride() == expected.stride()
+    assert torch.isfinite(grad).all()
+    assert_close(grad, expected, grad=True, dtype=dtype)
+    if case.endswith("far"):
+        assert grad[0].abs().max().item() == 0.0
+
+
+def test_statistics_ops_opcheck_and_errors():
+    with_stats, backward_stats = _stats_ops()
+    student, teacher, src, params = _inputs(dtype=torch.float32, teacher_is_logits=True)
+    torch.library.opcheck(with_stats, (student, teacher, src, params, True, False, "mean"))
+    torch.library.opcheck(with_stats, (student, teacher.softmax(1), src, params, False, True, "none"))
+    _, stats = with_stats(student, teacher, src, params, True, False, "mean")
+    g = torch.tensor(1.5)
+    torch.library.opcheck(backward_stats, (g, student, teacher, src, params, stats, True, False, "mean"))
+    with pytest.raises(ValueError, match=r"`stats` must have shape \(2, 5, 30\)"):
+        backward_stats(g, student, teacher, src, params, stats[:, :4], True, False, "mean")
+    with pytest.raises(TypeError, match="`stats` must be Float"):
+        backward_stats(g, student, teacher, src, params, stats.double(), True, False, "mean")
+    empty = torch.zeros(0, 4, 5, 6)
+    loss, stats = with_stats(empty, empty, src[:0], params[:0], False, False, "mean")
+    assert loss.item() == 0.0 and stats.shape == (0, 5, 30)
+    assert backward_stats(g, empty, empty, src[:0], params[:0], stats, False, False, "mean").shape == empty.shape
+
+
+def test_statistics_not_routed_on_cpu(backend):
+    """On the CPU the C++ kernels keep their own paths (the statistics ops' CPU kernels are the twin of the
+    CUDA ones); the Triton backend (TRITON_INTERPRET=1) takes the statistics path."""
+    student, teacher, src, params = _inputs(dtype=torch.float32)
+    s = student.requires_grad_(True)
+    loss = tpswarp.warped_kl_div(s, teacher, src, params, reduction="none")
+    assert ("_warped_kl_div_with_stats" in loss.grad_fn.name()) == (backend == "triton")

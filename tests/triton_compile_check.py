@@ -100,6 +100,11 @@ def main(argv=None) -> int:
             attempt(f"warped_kl fwd {dt}", lambda: WK.warped_kl_div_forward(s, t, src, par, logits, False, red))
             attempt(f"warped_kl bwd {dt}",
                     lambda: WK.warped_kl_div_backward(gl, s, t, src, par, logits, False, red, None, [True] * 4))
+            wstats = torch.zeros(2, 5, 64, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+            attempt(f"warped_kl fwd stats {dt}",
+                    lambda: WK.warped_kl_div_with_stats(s, t, src, par, logits, False, red))
+            attempt(f"warped_kl bwd stats {dt}",
+                    lambda: WK.warped_kl_div_backward_stats(gl, s, t, src, par, wstats, logits, False, red))
         # size=: the statistics kernels (one sweep) and the gathers ((classes x pixels) tiles)
         size = (12, 12)
         g12 = torch.ones(2, *size)

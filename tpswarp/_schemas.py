@@ -64,6 +64,14 @@ SCHEMAS = {
         "_warped_kl_div_with_grad(Tensor student_logits, Tensor teacher, Tensor src, Tensor params, "
         "bool teacher_is_logits, bool align_corners, str reduction, int[]? size) -> (Tensor, Tensor)"
     ),
+    "_warped_kl_div_with_stats": (
+        "_warped_kl_div_with_stats(Tensor student_logits, Tensor teacher, Tensor src, Tensor params, "
+        "bool teacher_is_logits, bool align_corners, str reduction) -> (Tensor, Tensor)"
+    ),
+    "_warped_kl_div_backward_stats": (
+        "_warped_kl_div_backward_stats(Tensor grad_loss, Tensor student_logits, Tensor teacher, Tensor src, "
+        "Tensor params, Tensor stats, bool teacher_is_logits, bool align_corners, str reduction) -> Tensor"
+    ),
 }
 
 PUBLIC_OPS = [name for name in SCHEMAS if not name.startswith("_")]

@@ -512,7 +512,7 @@ at::Tensor masked_kl_div_backward_stats_cpu(const at::Tensor& grad_loss, const a
   const auto dtype = kl_compute_dtype(student_logits, teacher);
   const int64_t B = student_logits.size(0), C = student_logits.size(1);
   const int64_t N = B * C == 0 ? 0 : student_logits.numel() / (B * C);
-  check_kl_stats(stats, B, N, dtype, student_logits, kOp);
+  check_kl_stats(stats, B, kKlStats, N, dtype, student_logits, kOp);
   auto weights = kl_weights(mask, student_logits, dtype, kOp);
   auto factor = kl_grad_factor(grad_loss, weights, reduction, B, N, dtype);
   const auto in_dtype = student_logits.scalar_type() == teacher.scalar_type() ? student_logits.scalar_type() : dtype;

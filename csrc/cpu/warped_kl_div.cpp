@@ -28,6 +28,7 @@
 #include "tpswarp/show.h"
 #include "tpswarp/tps.h"
 #include "tpswarp/tps_args.h"
+#include "tpswarp/warped_kl.h"
 
 // The float32 hot loops (TPS map of a block, gather of the warped teacher) in AVX2 clones
 // (tpswarp/cpu_kl_block.h), compiled for vectorizable selects (tpswarp/common.h).
@@ -916,12 +917,131 @@ std::tuple<at::Tensor, at::Tensor> warped_kl_div_with_grad_cpu(const at::Tensor&
   return {kl_reduce(kl, weights, pb.reduction, {pb.B, pb.H, pb.W}), grad_s};
 }
 
+// tpswarp::_warped_kl_div_with_stats and _warped_kl_div_backward_stats: the per-pixel code of the CUDA
+// kernels (warp_pixel of tpswarp/warped_kl.h, one-sweep statistics, kl_stats_store / kl_stats_load),
+// scalar, so that the CPU tests check the GPU's math. Not routed to on the CPU: the gradient in the
+// forward (_warped_kl_div_with_grad) and the blocked kernels serve the CPU's calls.
+WarpedKlGeometry twin_geometry(const Problem& pb) {
+  return {pb.B, pb.C, pb.H, pb.W, pb.Ht, pb.Wt, pb.n, pb.logits, pb.align_corners};
+}
+
+std::tuple<at::Tensor, at::Tensor> warped_kl_div_with_stats_cpu(const at::Tensor& student_logits,
+                                                                const at::Tensor& teacher, const at::Tensor& src,
+                                                                const at::Tensor& params, bool teacher_is_logits,
+                                                                bool align_corners, c10::string_view reduction) {
+  const auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+  const int64_t N = pb.H * pb.W;
+  auto kl = at::zeros({pb.B, N}, student_logits.options().dtype(pb.acc_dtype));
+  auto stats = at::zeros({pb.B, kWarpedKlStats, N}, kl.options());
+  if (kl.numel() > 0 && pb.C > 0 && pb.Ht > 0 && pb.Wt > 0) {
+    auto s = student_logits.to(pb.in_dtype);
+    auto t = teacher.to(pb.in_dtype);
+    auto src_acc = src.to(pb.acc_dtype).contiguous();
+    auto params_acc = params.to(pb.acc_dtype).contiguous();
+    const auto g = twin_geometry(pb);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pb.in_dtype, "warped_kl_div_with_stats_cpu", [&] {
+      auto run = [&](auto acc_tag) {
+        using acc = decltype(acc_tag);
+        const scalar_t* sp = s.const_data_ptr<scalar_t>();
+        const scalar_t* tp = t.const_data_ptr<scalar_t>();
+        const auto ss = strides4(s), ts = strides4(t);
+        acc* klp = kl.mutable_data_ptr<acc>();
+        acc* stp = stats.mutable_data_ptr<acc>();
+        at::parallel_for(0, pb.B * N, std::max<int64_t>(1, 4096 / pb.C), [&](int64_t begin, int64_t end) {
+          for (int64_t e = begin; e < end; ++e) {
+            const int64_t b = e / N, k = e % N, i = k / pb.W, j = k % pb.W;
+            const auto w = warp_pixel<acc>(g, src_acc.const_data_ptr<acc>() + b * pb.n * 2,
+                                           params_acc.const_data_ptr<acc>() + b * (pb.n + 3) * 2, i, j);
+            if (!w.valid) continue;  // loss, statistics and weight 0
+            const scalar_t* spx = sp + b * ss[0] + i * ss[2] + j * ss[3];
+            const scalar_t* tb = tp + b * ts[0];
+            const auto st = kl_pixel_online_loaded<acc>(
+                [&](int64_t c) { return static_cast<acc>(spx[c * ss[1]]); },
+                [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts[1], ts[2], ts[3], w.tap, acc(0)); },
+                pb.C, pb.logits);
+            klp[e] = st.kl;
+            acc* st_b = stp + b * kWarpedKlStats * N;
+            kl_stats_store(st, pb.logits, st_b + k, N);
+            st_b[kKlStats * N + k] = acc(1);
+          }
+        });
+      };
+      if (pb.acc_dtype == at::kDouble)
+        run(double{});
+      else
+        run(float{});
+    });
+  }
+  auto weights = stats.select(1, kKlStats);
+  return {kl_reduce(kl, weights, pb.reduction, {pb.B, pb.H, pb.W}), stats};
+}
+
+at::Tensor warped_kl_div_backward_stats_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                            const at::Tensor& teacher, const at::Tensor& src, const at::Tensor& params,
+                                            const at::Tensor& stats, bool teacher_is_logits, bool align_corners,
+                                            c10::string_view reduction) {
+  const auto pb = make_problem(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+  const int64_t N = pb.H * pb.W;
+  check_kl_stats(stats, pb.B, kWarpedKlStats, N, pb.acc_dtype, student_logits, kOp);
+  at::Tensor grad_s = at::empty_like(student_logits);
+  if (pb.B * N == 0 || pb.C == 0 || pb.Ht == 0 || pb.Wt == 0) return grad_s.zero_();
+  auto factor = kl_grad_factor(grad_loss, stats.select(1, kKlStats), pb.reduction, pb.B, N, pb.acc_dtype);
+  at::Tensor gs = grad_s.scalar_type() != pb.in_dtype ? at::empty_like(grad_s, grad_s.options().dtype(pb.in_dtype))
+                                                      : grad_s;
+  auto s = student_logits.to(pb.in_dtype);
+  auto t = teacher.to(pb.in_dtype);
+  auto src_acc = src.to(pb.acc_dtype).contiguous();
+  auto params_acc = params.to(pb.acc_dtype).contiguous();
+  const auto g = twin_geometry(pb);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pb.in_dtype, "warped_kl_div_backward_stats_cpu", [&] {
+    auto run = [&](auto acc_tag) {
+      using acc = decltype(acc_tag);
+      const scalar_t* sp = s.const_data_ptr<scalar_t>();
+      const scalar_t* tp = t.const_data_ptr<scalar_t>();
+      const auto ss = strides4(s), ts = strides4(t), gss = strides4(gs);
+      scalar_t* gp = gs.mutable_data_ptr<scalar_t>();
+      const acc* fp = factor.const_data_ptr<acc>();
+      const int64_t f_step = factor.dim() == 0 ? 0 : 1;
+      const acc* stp = stats.const_data_ptr<acc>();
+      at::parallel_for(0, pb.B * N, std::max<int64_t>(1, 4096 / pb.C), [&](int64_t begin, int64_t end) {
+        for (int64_t e = begin; e < end; ++e) {
+          const int64_t b = e / N, k = e % N, i = k / pb.W, j = k % pb.W;
+          const acc* st_b = stp + b * kWarpedKlStats * N;
+          const acc scale = fp[e * f_step] * st_b[kKlStats * N + k];
+          scalar_t* gpx = gp + b * gss[0] + i * gss[2] + j * gss[3];
+          if (scale == acc(0)) {
+            for (int64_t c = 0; c < pb.C; ++c) gpx[c * gss[1]] = scalar_t(0);
+            continue;
+          }
+          const auto w = warp_pixel<acc>(g, src_acc.const_data_ptr<acc>() + b * pb.n * 2,
+                                         params_acc.const_data_ptr<acc>() + b * (pb.n + 3) * 2, i, j);
+          const scalar_t* spx = sp + b * ss[0] + i * ss[2] + j * ss[3];
+          const scalar_t* tb = tp + b * ts[0];
+          kl_pixel_grad_loaded<acc>(
+              [&](int64_t c) { return static_cast<acc>(spx[c * ss[1]]); },
+              [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts[1], ts[2], ts[3], w.tap, acc(0)); },
+              pb.C, pb.logits, kl_stats_load(st_b + k, N, pb.logits), scale, true,
+              [&](int64_t c, acc v) { gpx[c * gss[1]] = static_cast<scalar_t>(v); }, false, [](int64_t, acc) {});
+        }
+      });
+    };
+    if (pb.acc_dtype == at::kDouble)
+      run(double{});
+    else
+      run(float{});
+  });
+  if (!gs.is_same(grad_s)) grad_s.copy_(gs);
+  return grad_s;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tpswarp, CPU, m) {
   m.impl("warped_kl_div", &warped_kl_div_cpu);
   m.impl("_warped_kl_div_backward", &warped_kl_div_backward_cpu);
   m.impl("_warped_kl_div_with_grad", &warped_kl_div_with_grad_cpu);
+  m.impl("_warped_kl_div_with_stats", &warped_kl_div_with_stats_cpu);
+  m.impl("_warped_kl_div_backward_stats", &warped_kl_div_backward_stats_cpu);
 }
 
 }  // namespace tpswarp

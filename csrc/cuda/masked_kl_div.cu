@@ -16,6 +16,10 @@
 // the teacher, gathers the gradient over the output pixels that read it (linear_resize_readers
 // in rows and columns), in a fixed order: deterministic, no atomics. Both the student and the
 // teacher gradient are native.
+//
+// _masked_kl_div_with_stats / _backward_stats (size=None, the student's gradient alone): the forward
+// kernel also stores each pixel's statistics (kl_stats_store of kl.h), the backward kernel reads them
+// and sweeps the classes once.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -481,7 +485,7 @@ at::Tensor masked_kl_div_backward_stats_cuda(const at::Tensor& grad_loss, const 
   const auto dtype = kl_compute_dtype(student_logits, teacher);
   const int64_t B = student_logits.size(0), C = student_logits.size(1);
   const int64_t N = B * C == 0 ? 0 : student_logits.numel() / (B * C);
-  check_kl_stats(stats, B, N, dtype, student_logits, kOp);
+  check_kl_stats(stats, B, kKlStats, N, dtype, student_logits, kOp);
   auto weights = kl_weights(mask, student_logits, dtype, kOp);
   auto factor = kl_grad_factor(grad_loss, weights, reduction, B, N, dtype);
   const auto in_dtype = student_logits.scalar_type() == teacher.scalar_type() ? student_logits.scalar_type() : dtype;

@@ -25,6 +25,10 @@
 // by composition inside this file (upsample_bilinear2d of both inputs to B x C x H x W, the
 // size=None backward, upsample_bilinear2d_backward for the teacher): exact, but it allocates the
 // full-resolution inputs and the teacher part is not deterministic (atomics, as size=None).
+//
+// _warped_kl_div_with_stats / _backward_stats (size=None, the student's gradient alone): the forward
+// kernel also stores each pixel's KL statistics and validity weight (tpswarp/warped_kl.h); the
+// backward kernel reads them: one sweep over the classes, no validity pass.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -52,6 +56,7 @@
 #include "tpswarp/tps.h"
 #include "tpswarp/tps_args.h"
 #include "tpswarp/tps_grad_regs.cuh"
+#include "tpswarp/warped_kl.h"
 
 namespace tpswarp {
 namespace {
@@ -64,32 +69,7 @@ struct Strides4 {
 };
 Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-struct Geometry {
-  int64_t B, C, H, W, Ht, Wt, n;
-  bool logits, align_corners;
-};
-
-// Sample location, validity and taps of output pixel (i, j) of item b.
-template <typename acc> struct PixelWarp {
-  acc qx, qy;
-  acc px, py;  // sample location in the teacher's pixel coordinates
-  bool valid;
-  BilinearTap<acc> tap;
-};
-
-template <typename acc>
-__device__ inline PixelWarp<acc> warp_pixel(const Geometry& g, const acc* src_b, const acc* params_b, int64_t i,
-                                            int64_t j) {
-  PixelWarp<acc> w;
-  w.qx = pixel_to_normalized<acc>(j, g.W, g.align_corners);
-  w.qy = pixel_to_normalized<acc>(i, g.H, g.align_corners);
-  const auto f = tps_eval<acc>(w.qx, w.qy, src_b, params_b, g.n);
-  w.px = normalized_to_pixel(f.x, g.Wt, g.align_corners);
-  w.py = normalized_to_pixel(f.y, g.Ht, g.align_corners);
-  w.valid = in_pixel_hull<acc>(f.x, f.y, g.Ht, g.Wt, g.align_corners);
-  w.tap = bilinear_tap<acc>(w.px, w.py, g.Ht, g.Wt);
-  return w;
-}
+using Geometry = WarpedKlGeometry;  // tpswarp/warped_kl.h, with warp_pixel
 
 // Register path (kl_regs.cuh) for at most MAX_C classes, float accumulation of float/half/bfloat16
 // inputs only (double arrays spill); MAX_C == 0: any C through the loaders of kl.h.
@@ -99,29 +79,69 @@ constexpr bool kRegs = std::is_same<acc, float>::value && !std::is_same<scalar_t
 template <typename scalar_t, typename acc, int MAX_C>
 __global__ void warped_kl_forward_kernel(Geometry g, const scalar_t* __restrict__ s, Strides4 ss,
                                          const scalar_t* __restrict__ t, Strides4 ts, const acc* __restrict__ src,
-                                         const acc* __restrict__ params, acc* __restrict__ kl, acc* __restrict__ weights) {
+                                         const acc* __restrict__ params, acc* __restrict__ kl, acc* __restrict__ weights,
+                                         acc* __restrict__ stats) {
   const int64_t N = g.H * g.W;
   const int64_t b = blockIdx.y;
   const int npix = static_cast<int>(N), Wi = static_cast<int>(g.W);  // 32-bit: see check_pixel_count
+  acc* stats_b = stats ? stats + b * kWarpedKlStats * N : nullptr;  // (B, kWarpedKlStats, N) of warped_kl.h
   for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < npix; k += gridDim.x * blockDim.x) {
     const int i = k / Wi, j = k - i * Wi;
     const auto w = warp_pixel<acc>(g, src + b * g.n * 2, params + b * (g.n + 3) * 2, i, j);
     weights[b * N + k] = w.valid ? acc(1) : acc(0);
+    if (stats_b) stats_b[kKlStats * N + k] = w.valid ? acc(1) : acc(0);
     if (!w.valid) {
       kl[b * N + k] = 0;
+      if (stats_b) kl_stats_store(KLPixel<acc>{}, g.logits, stats_b + k, N);  // never read: weight 0
       continue;
     }
     const scalar_t* sp = s + b * ss.b + i * ss.h + j * ss.w;
     const scalar_t* tb = t + b * ts.b;
     auto load_s = [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); };
     auto load_t = [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0)); };
+    KLPixel<acc> st;
     if constexpr (MAX_C == 0) {
-      kl[b * N + k] = kl_pixel_online_loaded<acc>(load_s, load_t, g.C, g.logits).kl;
+      st = kl_pixel_online_loaded<acc>(load_s, load_t, g.C, g.logits);
     } else {
       acc sv[MAX_C], tv[MAX_C];
       kl_load_regs<MAX_C, acc>(load_s, load_t, int(g.C), sv, tv);
-      kl[b * N + k] = kl_pixel_regs<MAX_C, acc>(sv, tv, int(g.C), g.logits).kl;
+      st = kl_pixel_regs<MAX_C, acc>(sv, tv, int(g.C), g.logits);
     }
+    kl[b * N + k] = st.kl;
+    if (stats_b) kl_stats_store(st, g.logits, stats_b + k, N);
+  }
+}
+
+// The student's gradient from the statistics the forward kept (`stats`, (B, kWarpedKlStats, N)): the
+// validity weight and the KL statistics are read, not recomputed; one sweep over the classes.
+template <typename scalar_t, typename acc>
+__global__ void __launch_bounds__(kThreads)
+    warped_kl_backward_from_stats_kernel(Geometry g, const scalar_t* __restrict__ s, Strides4 ss,
+                                         const scalar_t* __restrict__ t, Strides4 ts, const acc* __restrict__ src,
+                                         const acc* __restrict__ params, const acc* __restrict__ stats,
+                                         const acc* __restrict__ factor, int64_t f_step, scalar_t* __restrict__ gs,
+                                         Strides4 gss) {
+  const int64_t N = g.H * g.W;
+  const int64_t b = blockIdx.y;
+  const acc* stats_b = stats + b * kWarpedKlStats * N;
+  const int npix = static_cast<int>(N), Wi = static_cast<int>(g.W);  // 32-bit: see check_pixel_count
+  for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < npix; k += gridDim.x * blockDim.x) {
+    const int i = k / Wi, j = k - i * Wi;
+    const acc scale = factor[(b * N + k) * f_step] * stats_b[kKlStats * N + k];
+    scalar_t* gsp = gs + b * gss.b + i * gss.h + j * gss.w;
+    if (scale == acc(0)) {
+      for (int64_t c = 0; c < g.C; ++c) gsp[c * gss.c] = scalar_t(0);
+      continue;
+    }
+    const auto w = warp_pixel<acc>(g, src + b * g.n * 2, params + b * (g.n + 3) * 2, i, j);
+    const auto st = kl_stats_load(stats_b + k, N, g.logits);
+    const scalar_t* sp = s + b * ss.b + i * ss.h + j * ss.w;
+    const scalar_t* tb = t + b * ts.b;
+    kl_pixel_grad_loaded<acc>(
+        [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); },
+        [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0)); }, g.C,
+        g.logits, st, scale, true, [&](int64_t c, acc v) { gsp[c * gss.c] = static_cast<scalar_t>(v); }, false,
+        [](int64_t, acc) {});
   }
 }
 
@@ -269,7 +289,7 @@ dim3 coord_grid_for(int64_t N, int64_t B) {
   return dim3(static_cast<unsigned>(per_item), static_cast<unsigned>(B));
 }
 
-void launch_forward(const Prepared& p, at::Tensor& kl, at::Tensor& weights) {
+void launch_forward(const Prepared& p, at::Tensor& kl, at::Tensor& weights, at::Tensor* stats = nullptr) {
   const int64_t N = p.g.H * p.g.W;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.in_dtype, "warped_kl_div_cuda", [&] {
@@ -280,7 +300,7 @@ void launch_forward(const Prepared& p, at::Tensor& kl, at::Tensor& weights) {
         warped_kl_forward_kernel<scalar_t, acc, MAX_C><<<grid_for(N, p.g.B), kThreads, 0, stream>>>(
             p.g, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
             p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), kl.mutable_data_ptr<acc>(),
-            weights.mutable_data_ptr<acc>());
+            weights.mutable_data_ptr<acc>(), stats ? stats->mutable_data_ptr<acc>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     };
@@ -314,6 +334,54 @@ at::Tensor warped_kl_div_impl(const at::Tensor& student_logits, const at::Tensor
   auto weights = at::zeros_like(kl);
   if (kl.numel() > 0 && p.g.C > 0 && p.g.Ht > 0 && p.g.Wt > 0) launch_forward(p, kl, weights);
   return kl_reduce(kl, weights, p.reduction, {p.g.B, p.g.H, p.g.W});
+}
+
+// tpswarp::_warped_kl_div_with_stats: the loss, and the statistics of the student's gradient
+// ((B, kWarpedKlStats, H W) of the compute dtype, tpswarp/warped_kl.h).
+std::tuple<at::Tensor, at::Tensor> warped_kl_div_with_stats_cuda(const at::Tensor& student_logits,
+                                                                 const at::Tensor& teacher, const at::Tensor& src,
+                                                                 const at::Tensor& params, bool teacher_is_logits,
+                                                                 bool align_corners, c10::string_view reduction) {
+  c10::cuda::CUDAGuard guard(student_logits.device());
+  auto p = prepare(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+  auto kl = at::zeros({p.g.B, p.g.H * p.g.W}, student_logits.options().dtype(p.acc_dtype));
+  auto weights = at::zeros_like(kl);
+  auto stats = at::zeros({p.g.B, kWarpedKlStats, p.g.H * p.g.W}, kl.options());
+  if (kl.numel() > 0 && p.g.C > 0 && p.g.Ht > 0 && p.g.Wt > 0) launch_forward(p, kl, weights, &stats);
+  return {kl_reduce(kl, weights, p.reduction, {p.g.B, p.g.H, p.g.W}), stats};
+}
+
+// tpswarp::_warped_kl_div_backward_stats: the student's gradient from those statistics.
+at::Tensor warped_kl_div_backward_stats_cuda(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                             const at::Tensor& teacher, const at::Tensor& src, const at::Tensor& params,
+                                             const at::Tensor& stats, bool teacher_is_logits, bool align_corners,
+                                             c10::string_view reduction) {
+  c10::cuda::CUDAGuard guard(student_logits.device());
+  auto p = prepare(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction);
+  const int64_t N = p.g.H * p.g.W;
+  check_kl_stats(stats, p.g.B, kWarpedKlStats, N, p.acc_dtype, student_logits, kOp);
+  at::Tensor grad_s = at::empty_like(student_logits);
+  if (p.g.B * N == 0 || p.g.C == 0 || p.g.Ht == 0 || p.g.Wt == 0) return grad_s.zero_();
+  auto factor = kl_grad_factor(grad_loss, stats.select(1, kKlStats), p.reduction, p.g.B, N, p.acc_dtype);
+  at::Tensor gs = grad_s.scalar_type() != p.in_dtype ? at::empty_like(grad_s, grad_s.options().dtype(p.in_dtype))
+                                                     : grad_s;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.in_dtype, "warped_kl_div_backward_stats_cuda", [&] {
+    auto run = [&](auto acc_tag) {
+      using acc = decltype(acc_tag);
+      warped_kl_backward_from_stats_kernel<scalar_t, acc><<<grid_for(N, p.g.B), kThreads, 0, stream>>>(
+          p.g, p.s.const_data_ptr<scalar_t>(), strides_of(p.s), p.t.const_data_ptr<scalar_t>(), strides_of(p.t),
+          p.src.const_data_ptr<acc>(), p.params.const_data_ptr<acc>(), stats.const_data_ptr<acc>(),
+          factor.const_data_ptr<acc>(), factor.dim() == 0 ? 0 : 1, gs.mutable_data_ptr<scalar_t>(), strides_of(gs));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (p.acc_dtype == at::kDouble)
+      run(double{});
+    else
+      run(float{});
+  });
+  if (!gs.is_same(grad_s)) grad_s.copy_(gs);
+  return grad_s;
 }
 
 // With kl_out and weights_out, the pass also gives each pixel's KL as the forward computes it and the
@@ -683,6 +751,8 @@ TORCH_LIBRARY_IMPL(tpswarp, CUDA, m) {
   m.impl("warped_kl_div", &warped_kl_div_cuda);
   m.impl("_warped_kl_div_backward", &warped_kl_div_backward_cuda);
   m.impl("_warped_kl_div_with_grad", &warped_kl_div_with_grad_cuda);
+  m.impl("_warped_kl_div_with_stats", &warped_kl_div_with_stats_cuda);
+  m.impl("_warped_kl_div_backward_stats", &warped_kl_div_backward_stats_cuda);
 }
 
 }  // namespace tpswarp

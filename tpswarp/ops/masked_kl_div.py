@@ -47,7 +47,7 @@ def masked_kl_div(
             per input pixel.
 
     On CUDA (C++ and Triton kernels), when only ``student_logits`` requires a gradient and ``size``
-    is None, the forward also keeps 4 statistics per pixel (the class maxima and log-normalizers,
+    is None (any ``reduction``), the forward also keeps 4 statistics per pixel (the class maxima and log-normalizers,
     ``_masked_kl_div_with_stats``): the backward then sweeps the classes once instead of twice
     (``TPSWARP_KL_STATS=0`` turns it off).
 

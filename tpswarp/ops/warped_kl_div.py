@@ -9,7 +9,8 @@ from .._backend import register_python_backend
 from .._validation import check_warped_kl_div
 from ..reference._tps_math import compute_dtype
 from ..reference.warped_kl_div import warped_kl_div as reference_warped_kl_div
-from ._common import gradient_in_forward, gradient_or_none, keep_layout, reference_vjp, register_gradient_in_forward
+from ._common import (gradient_in_forward, gradient_or_none, keep_layout, reference_vjp, register_gradient_in_forward,
+                      statistics_in_forward)
 from .masked_kl_div import fake_input_grads, loss_shape
 
 
@@ -58,6 +59,11 @@ def warped_kl_div(
     forward that is never differentiated pays for it. Not under ``torch.compile``. On CUDA (without
     ``size``) only with ``TPSWARP_CUDA_GRAD_IN_FORWARD=1`` (no faster there, measured on an H100).
 
+    On CUDA (C++ and Triton kernels), in that one-way case without ``size`` (any ``reduction``), the
+    forward instead keeps 5 values per pixel (the class maxima and log-normalizers, the validity
+    weight: ``_warped_kl_div_with_stats``); the backward then sweeps the classes once instead of
+    twice and skips the validity pass (``TPSWARP_KL_STATS=0`` turns it off).
+
     Returns:
         The loss, float32 (float64 for float64 inputs). Differentiable w.r.t.
         ``student_logits``, ``teacher``, ``src`` and ``params``.
@@ -67,6 +73,8 @@ def warped_kl_div(
             None if size is None else [int(s) for s in size])
     if gradient_in_forward("warped_kl_div", student_logits, (teacher, src, params), reduction, size):
         return torch.ops.tpswarp._warped_kl_div_with_grad(*args)[0]
+    if statistics_in_forward("warped_kl_div", student_logits, (teacher, src, params), size):
+        return torch.ops.tpswarp._warped_kl_div_with_stats(*args[:7])[0]
     return torch.ops.tpswarp.warped_kl_div(*args)
 
 
@@ -105,6 +113,47 @@ def _fake_with_grad(student_logits, teacher, src, params, teacher_is_logits, ali
 
 
 register_gradient_in_forward("warped_kl_div", _setup_context, num_grads=4, num_inputs=8)
+
+
+@torch.library.register_fake("tpswarp::_warped_kl_div_with_stats")
+def _fake_with_stats(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction):
+    loss = _fake(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction)
+    B, _, H, W = student_logits.shape
+    return loss, student_logits.new_empty((B, 5, H * W), dtype=loss.dtype)
+
+
+@torch.library.register_fake("tpswarp::_warped_kl_div_backward_stats")
+def _fake_backward_stats(grad_loss, student_logits, teacher, src, params, stats, teacher_is_logits, align_corners,
+                         reduction):
+    return torch.empty_like(student_logits)
+
+
+def _setup_with_stats(ctx, inputs, output):
+    student_logits, teacher, src, params, *options = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(student_logits, teacher, src, params, output[1])
+    ctx.options = tuple(options)  # teacher_is_logits, align_corners, reduction
+
+
+def _backward_with_stats(ctx, grad_loss, _):
+    if grad_loss is None:  # the loss took no part in what is differentiated
+        return (None,) * 7
+    student_logits, teacher, src, params, stats = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
+    grads = [None] * 4
+    if needs[0]:
+        grads[0] = torch.ops.tpswarp._warped_kl_div_backward_stats(grad_loss, student_logits, teacher, src, params,
+                                                                   stats, *ctx.options)
+    if any(needs[1:]):  # not routed here (these gradients need more than the statistics), but served
+        others = torch.ops.tpswarp._warped_kl_div_backward(grad_loss, student_logits, teacher, src, params,
+                                                           *ctx.options, None, [False, *needs[1:]])
+        grads[1:] = [gradient_or_none(g, n) for g, n in zip(others[1:], needs[1:])]
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd("tpswarp::_warped_kl_div_with_stats", _backward_with_stats,
+                                setup_context=_setup_with_stats)
 
 
 def _reference_forward(student_logits, teacher, src, params, teacher_is_logits=False, align_corners=False,

@@ -13,7 +13,9 @@ stays in the thread that owns the pixel: no cross-thread reduction over classes,
 Inputs are read through their strides (channels_last / non-contiguous without copies);
 half inputs are accumulated in float32, float64 in float64. Mean and sum reductions write one
 partial per program and are summed by torch in a fixed order (deterministic); the mean's
-denominator stays on the device.
+denominator stays on the device. ``masked_kl_div_with_stats`` / ``masked_kl_div_backward_stats``
+(the student's gradient alone): the forward also stores each pixel's statistics (``STATS``), the
+backward reads them (``FROM_STATS``) and sweeps the classes once.
 
 With ``size=(H, W)`` (``masked_kl_div_size_forward`` / ``_backward``): the low-resolution student
 and teacher are read through the bilinear resize taps (``_resize.py``), the statistics in one sweep

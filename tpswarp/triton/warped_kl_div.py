@@ -16,7 +16,9 @@ scattered to the four taps of the teacher (float atomics; under
 ``index_add_`` instead, which does allocate ``4 x B*H*W x C``); the coordinate gradient goes
 through the TPS map into per-program partials summed by torch (deterministic). The mean's
 denominator (the number of valid pixels) is counted on the device: per-program counts summed
-by torch, no host synchronization.
+by torch, no host synchronization. ``warped_kl_div_with_stats`` / ``warped_kl_div_backward_stats``
+(the student's gradient alone): the forward also stores each pixel's statistics and validity
+(``STATS``), the backward reads them (``FROM_STATS``): one sweep, no counting pass.
 
 With ``size=(H, W)`` (``warped_kl_div_size_forward`` / ``_backward``): the student and the
 teacher are read through the bilinear resize taps (``_resize.py``), the warp samples the resized
@@ -111,12 +113,14 @@ def _warped_online_stats(s_ptrs, ss_c, t_ptrs, ts_c, ts_h, ts_w, C, pm, valid, m
 
 @triton.jit
 def _warped_kl_fwd_kernel(
-    s_ptr, t_ptr, src_ptr, par_ptr, out_ptr, cnt_ptr, hull_ptr,
+    s_ptr, t_ptr, src_ptr, par_ptr, out_ptr, cnt_ptr, hull_ptr, st_ptr,
     C, H, W, Ht, Wt, n,
     ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w,
-    TEACHER_LOGITS: tl.constexpr, REDUCE_NONE: tl.constexpr, COUNT_ONLY: tl.constexpr, ALIGN: tl.constexpr,
-    BLOCK_P: tl.constexpr, ACC: tl.constexpr, MERGED: tl.constexpr,
+    TEACHER_LOGITS: tl.constexpr, REDUCE_NONE: tl.constexpr, COUNT_ONLY: tl.constexpr, STATS: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr, MERGED: tl.constexpr,
 ):
+    """The loss (per pixel or per-program partials) and per-program counts of valid pixels; with
+    ``STATS`` also the (B, 5, H W) statistics of the student's gradient (csrc/include/tpswarp/warped_kl.h)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -131,9 +135,21 @@ def _warped_kl_fwd_kernel(
         w00, w10, w01, w11 = _tap_weights(wx0, wx1, wy0, wy1, m00, m10, m01, m11)
         t_ptrs = t_ptr + b * ts_b + yi * ts_h + xi * ts_w
         s_ptrs = s_ptr + b * ss_b + pixel_offsets(offs, W, ss_h, ss_w, MERGED)
-        _, _, _, _, kl, _ = _warped_online_stats(s_ptrs, ss_c, t_ptrs, ts_c, ts_h, ts_w, C, pm, valid,
-                                                 m00, m10, m01, m11, w00, w10, w01, w11, TEACHER_LOGITS, ACC)
+        s_max, log_zs, t_max, log_zt, kl, p_sum = _warped_online_stats(
+            s_ptrs, ss_c, t_ptrs, ts_c, ts_h, ts_w, C, pm, valid, m00, m10, m01, m11, w00, w10, w01, w11,
+            TEACHER_LOGITS, ACC)
         kl = tl.where(valid, kl, 0.0)
+        if STATS:
+            st = st_ptr + b * (5 * P) + offs
+            tl.store(st, s_max, mask=pm)
+            tl.store(st + P, log_zs, mask=pm)
+            if TEACHER_LOGITS:
+                tl.store(st + 2 * P, t_max, mask=pm)
+                tl.store(st + 3 * P, log_zt, mask=pm)
+            else:
+                tl.store(st + 2 * P, p_sum, mask=pm)
+                tl.store(st + 3 * P, tl.zeros_like(p_sum), mask=pm)
+            tl.store(st + 4 * P, valid.to(ACC), mask=pm)
         if REDUCE_NONE:
             tl.store(out_ptr + b * P + offs, kl, mask=pm)
         else:
@@ -142,13 +158,16 @@ def _warped_kl_fwd_kernel(
 
 @triton.jit
 def _warped_kl_bwd_kernel(
-    s_ptr, t_ptr, src_ptr, par_ptr, f_ptr, gs_ptr, gt_ptr, part_ptr, ct_ptr, ci_ptr, hull_ptr,
+    s_ptr, t_ptr, src_ptr, par_ptr, f_ptr, gs_ptr, gt_ptr, part_ptr, ct_ptr, ci_ptr, hull_ptr, st_ptr,
     C, H, W, Ht, Wt, n,
     ss_b, ss_c, ss_h, ss_w, ts_b, ts_c, ts_h, ts_w, gs_b, gs_c, gs_h, gs_w, gt_b, gt_c, gt_h, gt_w,
     TEACHER_LOGITS: tl.constexpr, FACTOR_PER_PIXEL: tl.constexpr, ALIGN: tl.constexpr,
     WANT_S: tl.constexpr, WANT_T: tl.constexpr, WANT_SRC: tl.constexpr, WANT_PARAMS: tl.constexpr,
-    DETERMINISTIC: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr, MERGED: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, FROM_STATS: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+    MERGED: tl.constexpr,
 ):
+    """The gradients; ``FROM_STATS``: the student's alone, from the forward's statistics at ``st_ptr``
+    (one sweep over the classes instead of two)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -177,9 +196,23 @@ def _warped_kl_bwd_kernel(
     s_ptrs = s_ptr + b * ss_b + pixel_offsets(offs, W, ss_h, ss_w, MERGED)
     gs_ptrs = gs_ptr + b * gs_b + pixel_offsets(offs, W, gs_h, gs_w, MERGED)
     gt_ptrs = gt_ptr + b * gt_b + yi * gt_h + xi * gt_w
-    s_max, log_zs, t_max, log_zt, kl, p_sum = _warped_online_stats(
-        s_ptrs, ss_c, t_ptrs, ts_c, ts_h, ts_w, C, pm, valid, m00, m10, m01, m11, w00, w10, w01, w11,
-        TEACHER_LOGITS, ACC)
+    if FROM_STATS:
+        st = st_ptr + b * (5 * P) + offs
+        s_max = tl.load(st, mask=pm, other=0.0)
+        log_zs = tl.load(st + P, mask=pm, other=0.0)
+        kl = tl.zeros_like(s_max)
+        if TEACHER_LOGITS:
+            t_max = tl.load(st + 2 * P, mask=pm, other=0.0)
+            log_zt = tl.load(st + 3 * P, mask=pm, other=0.0)
+            p_sum = tl.full(s_max.shape, 1.0, s_max.dtype)
+        else:
+            t_max = tl.zeros_like(s_max)
+            log_zt = tl.zeros_like(s_max)
+            p_sum = tl.load(st + 2 * P, mask=pm, other=0.0)
+    else:
+        s_max, log_zs, t_max, log_zt, kl, p_sum = _warped_online_stats(
+            s_ptrs, ss_c, t_ptrs, ts_c, ts_h, ts_w, C, pm, valid, m00, m10, m01, m11, w00, w10, w01, w11,
+            TEACHER_LOGITS, ACC)
     gpx = tl.zeros((BLOCK_P,), ACC)
     gpy = tl.zeros((BLOCK_P,), ACC)
     for c in range(0, C):
@@ -251,14 +284,25 @@ def warped_kl_div_forward(student_logits, teacher, src, params, teacher_is_logit
     if size is not None:
         return warped_kl_div_size_forward(student_logits, teacher, src, params, teacher_is_logits, align_corners,
                                           reduction, size)
+    return _forward(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction, False)[0]
+
+
+def warped_kl_div_with_stats(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction):
+    """``_warped_kl_div_with_stats``: the loss and the per-pixel statistics ``(B, 5, H W)`` of the
+    student's gradient (``csrc/include/tpswarp/warped_kl.h``)."""
+    return _forward(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction, True)
+
+
+def _forward(student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction, want_stats):
     _check(student_logits, teacher, src, params, reduction)
     ct, src_c, par_c = _setup(student_logits, teacher, src, params)
     B, C, H, W = student_logits.shape
     Ht, Wt = teacher.shape[2:]
     dev = student_logits.device
+    stats = torch.zeros((B if want_stats else 0, 5, H * W), dtype=ct, device=dev)
     if B * H * W == 0 or C == 0 or Ht * Wt == 0:
         kl = torch.zeros((B, H, W), dtype=acc_dtype(student_logits, teacher, params), device=dev)
-        return kl if reduction == "none" else kl.sum()
+        return (kl if reduction == "none" else kl.sum()), stats
     nprog = triton.cdiv(H * W, PIXEL_BLOCK_FWD)
     reduce_none = reduction == "none"
     out = torch.empty((B, H * W) if reduce_none else (B, nprog), dtype=ct, device=dev)
@@ -266,8 +310,9 @@ def warped_kl_div_forward(student_logits, teacher, src, params, teacher_is_logit
     with device_guard(student_logits):
         _warped_kl_fwd_kernel[(nprog, B)](
             student_logits, teacher, src_c, par_c, out, counts, hull_tolerances(Ht, Wt, ct, dev),
+            stats if want_stats else counts,
             C, H, W, Ht, Wt, src.shape[1], *student_logits.stride(), *teacher.stride(),
-            TEACHER_LOGITS=bool(teacher_is_logits), REDUCE_NONE=reduce_none, COUNT_ONLY=False,
+            TEACHER_LOGITS=bool(teacher_is_logits), REDUCE_NONE=reduce_none, COUNT_ONLY=False, STATS=want_stats,
             ALIGN=bool(align_corners), BLOCK_P=PIXEL_BLOCK_FWD, ACC=tl_dtype(ct),
             MERGED=merged_pixels(student_logits), num_warps=PIXEL_WARPS,
         )
@@ -276,7 +321,7 @@ def warped_kl_div_forward(student_logits, teacher, src, params, teacher_is_logit
     else:
         total = out.sum()
         loss = total if reduction == "sum" else total / _mean_denominator(counts)
-    return loss.to(acc_dtype(student_logits, teacher, params))  # the fake kernel's dtype
+    return loss.to(acc_dtype(student_logits, teacher, params)), stats  # the fake kernel's dtype
 
 
 def warped_kl_div_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners,
@@ -284,6 +329,26 @@ def warped_kl_div_backward(grad_loss, student_logits, teacher, src, params, teac
     if size is not None:
         return warped_kl_div_size_backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits,
                                            align_corners, reduction, size, output_mask)
+    return _backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction,
+                     output_mask, None)
+
+
+def warped_kl_div_backward_stats(grad_loss, student_logits, teacher, src, params, stats, teacher_is_logits,
+                                 align_corners, reduction):
+    """``_warped_kl_div_backward_stats``: the student's gradient from the forward's statistics."""
+    B, _, H, W = student_logits.shape
+    ct = acc_dtype(student_logits, teacher, src, params)
+    if tuple(stats.shape) != (B, 5, H * W) or stats.dtype != ct or stats.device != student_logits.device:
+        raise ValueError(f"warped_kl_div: `stats` must be {ct} of shape {(B, 5, H * W)} on {student_logits.device} "
+                         f"(from the forward of these inputs), got {stats.dtype} {tuple(stats.shape)} on "
+                         f"{stats.device}")
+    return _backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction,
+                     (True, False, False, False), stats.contiguous())[0]
+
+
+def _backward(grad_loss, student_logits, teacher, src, params, teacher_is_logits, align_corners, reduction,
+              output_mask, stats):
+    """The gradients of ``output_mask``; with ``stats`` (the student's alone) read from the forward's statistics."""
     _check(student_logits, teacher, src, params, reduction)
     want_s, want_t, want_src, want_params = (bool(x) for x in output_mask)
     ct, src_c, par_c = _setup(student_logits, teacher, src, params)
@@ -306,13 +371,15 @@ def warped_kl_div_backward(grad_loss, student_logits, teacher, src, params, teac
             factor = g.reshape(B, H * W).contiguous()
         elif reduction == "sum":
             factor = g.reshape(1).contiguous()
+        elif stats is not None:  # the forward's validity weights
+            factor = (g.reshape(()) / _mean_denominator(stats[:, 4])).reshape(1)
         else:
             counts = torch.empty((B, nprog), dtype=ct, device=dev)
             with device_guard(student_logits):
                 _warped_kl_fwd_kernel[(nprog, B)](
-                    student_logits, teacher, src_c, par_c, counts, counts, hull,
+                    student_logits, teacher, src_c, par_c, counts, counts, hull, counts,
                     C, H, W, Ht, Wt, n, *student_logits.stride(), *teacher.stride(),
-                    TEACHER_LOGITS=bool(teacher_is_logits), REDUCE_NONE=False, COUNT_ONLY=True,
+                    TEACHER_LOGITS=bool(teacher_is_logits), REDUCE_NONE=False, COUNT_ONLY=True, STATS=False,
                     ALIGN=bool(align_corners), BLOCK_P=PIXEL_BLOCK_BWD, ACC=tl_dtype(ct),
                     MERGED=merged_pixels(student_logits), num_warps=PIXEL_WARPS,
                 )
@@ -323,10 +390,11 @@ def warped_kl_div_backward(grad_loss, student_logits, teacher, src, params, teac
             _warped_kl_bwd_kernel[(nprog, B)](
                 student_logits, teacher, src_c, par_c, factor, grad_s if want_s else factor,
                 gt_buf if gt_buf is not None else factor, partials, contrib, rows, hull,
+                stats if stats is not None else factor,
                 C, H, W, Ht, Wt, n, *student_logits.stride(), *teacher.stride(), *gs.stride(), *gt.stride(),
                 TEACHER_LOGITS=bool(teacher_is_logits), FACTOR_PER_PIXEL=reduction == "none",
                 ALIGN=bool(align_corners), WANT_S=want_s, WANT_T=want_t, WANT_SRC=want_src,
-                WANT_PARAMS=want_params, DETERMINISTIC=det, BLOCK_P=PIXEL_BLOCK_BWD,
+                WANT_PARAMS=want_params, DETERMINISTIC=det, FROM_STATS=stats is not None, BLOCK_P=PIXEL_BLOCK_BWD,
                 ACC=tl_dtype(ct), MERGED=merged_pixels(student_logits, gs), num_warps=PIXEL_WARPS,
             )
     else:
@@ -652,4 +720,6 @@ def warped_kl_div_size_backward(grad_loss, student_logits, teacher, src, params,
     return grad_s, grad_t, g_src, g_params
 
 
-register_python_backend("warped_kl_div", "triton", warped_kl_div_forward, warped_kl_div_backward)
+register_python_backend("warped_kl_div", "triton", warped_kl_div_forward, warped_kl_div_backward,
+                        {"_warped_kl_div_with_stats": warped_kl_div_with_stats,
+                         "_warped_kl_div_backward_stats": warped_kl_div_backward_stats})

@@ -76,13 +76,13 @@ inline at::Tensor kl_reduce(const at::Tensor& kl, const at::Tensor& weights, Red
   return total.div(at::where(count.ne(0), count, at::scalar_tensor(1.0, kl.options())));
 }
 
-// `stats` of `_<op>_with_stats`, handed back to `_<op>_backward_stats`: (B, 4, N) of the compute dtype
-// (4: kKlStats of kl.h), contiguous, on the logits' device.
-inline void check_kl_stats(const at::Tensor& stats, int64_t B, int64_t N, at::ScalarType dtype,
+// `stats` of `_<op>_with_stats`, handed back to `_<op>_backward_stats`: (B, K, N) of the compute dtype
+// (K: kKlStats of kl.h, kWarpedKlStats of warped_kl.h), contiguous, on the logits' device.
+inline void check_kl_stats(const at::Tensor& stats, int64_t B, int64_t K, int64_t N, at::ScalarType dtype,
                            const at::Tensor& student, const char* op) {
-  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == B && stats.size(1) == 4 && stats.size(2) == N, op,
-                    ": `stats` must have shape (", B, ", 4, ", N, ") (from the forward of these inputs), got ",
-                    show(stats.sizes()));
+  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == B && stats.size(1) == K && stats.size(2) == N, op,
+                    ": `stats` must have shape (", show(B), ", ", show(K), ", ", show(N),
+                    ") (from the forward of these inputs), got ", show(stats.sizes()));
   TORCH_CHECK_TYPE(stats.scalar_type() == dtype, op, ": `stats` must be ", dtype, ", got ", stats.scalar_type());
   TORCH_CHECK(stats.device() == student.device(), op, ": `stats` is on ", stats.device(),
               " but `student_logits` is on ", student.device());
