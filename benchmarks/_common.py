@@ -1,6 +1,7 @@
 """Shared benchmark helpers: timing (side by side), peak memory, CSV rows with the machine and commit, plots."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import os
@@ -8,11 +9,26 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@contextlib.contextmanager
+def kl_statistics_off() -> Iterator[None]:
+    """The KL ops' plain forward/backward pair inside (``TPSWARP_KL_STATS=0``: no statistics kept by the
+    forward for the backward), for A/B rows in one build."""
+    previous = os.environ.get("TPSWARP_KL_STATS")
+    os.environ["TPSWARP_KL_STATS"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TPSWARP_KL_STATS"]
+        else:
+            os.environ["TPSWARP_KL_STATS"] = previous
 
 
 def git_commit() -> str:

@@ -16,7 +16,6 @@ script itself).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import os
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tpswarp  # noqa: E402
+from _common import kl_statistics_off  # noqa: E402
 from tpswarp.testing import random_tps  # noqa: E402
 
 
@@ -59,20 +59,6 @@ def copy_bandwidth(device, quick):
     y = torch.empty_like(x)
     ms = timer(lambda: y.copy_(x), device, 5 if quick else 50)
     return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
-
-
-@contextlib.contextmanager
-def kl_statistics_off():
-    """The KL ops' plain forward/backward pair (no statistics kept by the forward) for graphs built inside."""
-    previous = os.environ.get("TPSWARP_KL_STATS")
-    os.environ["TPSWARP_KL_STATS"] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TPSWARP_KL_STATS"]
-        else:
-            os.environ["TPSWARP_KL_STATS"] = previous
 
 
 def nbytes(*tensors):

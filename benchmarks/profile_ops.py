@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tpswarp  # noqa: E402
+from _common import kl_statistics_off  # noqa: E402
 from tpswarp.testing import random_tps  # noqa: E402
 
 
@@ -57,7 +58,15 @@ def cases(device, quick):
         out, _ = tpswarp.tps_warp(xx, src, pp)
         out.backward(torch.ones_like(out))
 
-    return {"masked_kl_div": masked, "warped_kl_div student grad": warped(False),
+    def without_statistics(fn):  # the plain backward (TPSWARP_KL_STATS=0) for comparison
+        def run():
+            with kl_statistics_off():
+                fn()
+        return run
+
+    return {"masked_kl_div": masked, "masked_kl_div without statistics": without_statistics(masked),
+            "warped_kl_div student grad": warped(False),
+            "warped_kl_div student grad without statistics": without_statistics(warped(False)),
             "warped_kl_div student + TPS grads": warped(True), "photometric_jitter": jitter, "tps_warp": warp}
 
 

@@ -541,6 +541,15 @@ def test_compile(backend, op):
     compare(backend, op, compiled, ref, inputs, mask)
 
 
+@pytest.mark.parametrize("op", ["masked_kl_div", "warped_kl_div"])
+def test_compile_one_way(backend, op):
+    """The student's gradient alone (the statistics kept by the forward) under torch.compile."""
+    fn, ref, inputs, mask = CASES[op](F32, "contiguous", False)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    compare(backend, op, compiled, ref, inputs, (True,) + (False,) * (len(mask) - 1))
+
+
 # --------------------------------------------------------------------------------------------
 # size= of masked_kl_div / warped_kl_div: the CUDA kernels ("cpp") called through torch.ops
 # (independent of the Python wrapper) against the composition the contract defines:

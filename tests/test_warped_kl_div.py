@@ -393,6 +393,43 @@ def test_torch_compile_matches_eager(backend, compile_backend):
         assert_close(g_c, g_e, grad=True)
 
 
+def _one_way(student, teacher, src, params, mask):
+    probs = teacher[:, :, :5, :6].softmax(1)
+    return (tpswarp.warped_kl_div(student, teacher, src, params, teacher_is_logits=True)
+            + tpswarp.masked_kl_div(student, probs, mask, reduction="none").mean())
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_one_way(backend, compile_backend):
+    """The student's gradient alone (the statistics ops on the GPU and Triton backends) under
+    torch.compile(fullgraph=True)."""
+    student, teacher, src, params = _inputs(2, 4, 5, 6, 7, 8, teacher_is_logits=True, dtype=torch.float32, seed=14)
+    mask = torch.rand(2, 5, 6, generator=torch.Generator().manual_seed(14)) > 0.3
+
+    def run(fn):
+        leaf = student.detach().clone().requires_grad_(True)
+        loss = fn(leaf, teacher, src, params, mask)
+        return loss, torch.autograd.grad(loss, leaf)[0]
+
+    torch._dynamo.reset()
+    loss_c, grad_c = run(torch.compile(_one_way, fullgraph=True, backend=compile_backend))
+    loss_e, grad_e = run(_one_way)
+    assert_close(loss_c, loss_e)
+    assert_close(grad_c, grad_e, grad=True)
+
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    run(torch.compile(_one_way, fullgraph=True, backend=record))
+    with_stats = {t.removesuffix(".default") for t in targets if "_with_stats" in t}
+    expected = {"tpswarp._warped_kl_div_with_stats", "tpswarp._masked_kl_div_with_stats"}
+    assert with_stats == (expected if backend == "triton" else set()), targets
+
+
 # --------------------------------------------------------------------------------------
 # 8. bad inputs
 # --------------------------------------------------------------------------------------

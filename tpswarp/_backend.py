@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from ._schemas import PUBLIC_OPS
+from ._schemas import PUBLIC_OPS, SCHEMAS
 
 BACKENDS = ("reference", "triton", "cpp")
 DEVICES = {"cpu": "CPU", "cuda": "CUDA"}
@@ -24,6 +24,7 @@ _native: Optional[Dict[Tuple[str, str], bool]] = None
 _override_lib: Optional[torch.library.Library] = None
 _forced: Optional[str] = None
 _selected: Dict[str, Dict[str, str]] = {}
+_helpers: Dict[str, frozenset] = {}  # device -> the private ops (besides backwards) served there now
 
 
 def register_python_backend(op: str, backend: str, forward: Callable, backward: Callable,
@@ -47,8 +48,13 @@ def _native_kernels() -> Dict[Tuple[str, str], bool]:
     global _native
     if _native is None:
         has = torch._C._dispatch_has_kernel_for_dispatch_key
-        _native = {(op, dev): has(f"tpswarp::{op}", key) for op in PUBLIC_OPS for dev, key in DEVICES.items()}
+        _native = {(op, dev): has(f"tpswarp::{op}", key) for op in SCHEMAS for dev, key in DEVICES.items()}
     return _native
+
+
+def _helper_names(op: str) -> list:
+    """The private ops of ``op`` besides its backward (``_masked_kl_div_with_stats``, ...)."""
+    return [name for name in SCHEMAS if name.startswith(f"_{op}_") and name != f"_{op}_backward"]
 
 
 def _choose(op: str, device: str, forced: Optional[str]) -> str:
@@ -90,8 +96,10 @@ def set_backend(backend: Optional[str] = None) -> None:
         _override_lib._destroy()
     lib = torch.library.Library("tpswarp", "IMPL")
     selected: Dict[str, Dict[str, str]] = {}
+    helpers: Dict[str, frozenset] = {}
     for device, key in DEVICES.items():
         selected[device] = {}
+        served = set()
         for op in PUBLIC_OPS:
             choice = _choose(op, device, backend)
             if choice != "cpp":
@@ -100,10 +108,22 @@ def set_backend(backend: Optional[str] = None) -> None:
                 lib.impl(f"_{op}_backward", backward, key)
                 for name, kernel in _python_helpers.get((op, choice), {}).items():
                     lib.impl(name, kernel, key)
+                    served.add(name)
+            else:
+                served.update(name for name in _helper_names(op) if _native[(name, device)])
             selected[device][op] = choice
+        helpers[device] = frozenset(served)
     _override_lib, _forced = lib, backend
     _selected.clear()
     _selected.update(selected)
+    _helpers.clear()
+    _helpers.update(helpers)
+
+
+def serves_helper(name: str, device: str) -> bool:
+    """True when the backend serving ``name``'s public op on ``device`` has a kernel for the private op
+    ``name`` (a plain lookup: callable while torch.compile traces)."""
+    return name in _helpers.get(device, ())
 
 
 def selected(op: str, device: str) -> Optional[str]:

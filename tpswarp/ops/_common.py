@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .._backend import DEVICES, selected
+from .._backend import selected, serves_helper
 from .._extension import _C
 from .._schemas import SCHEMAS
 
@@ -118,7 +118,7 @@ def gradient_in_forward(op: str, student_logits: torch.Tensor, others: Sequence,
         return selected(op, "cpu") == "cpp"
     return (device == "cuda" and size is None and os.environ.get("TPSWARP_CUDA_GRAD_IN_FORWARD") == "1"
             and selected(op, "cuda") == "cpp"
-            and torch._C._dispatch_has_kernel_for_dispatch_key(f"tpswarp::_{op}_with_grad", "CUDA"))
+            and serves_helper(f"_{op}_with_grad", "cuda"))
 
 
 def _student_gradient_alone(student_logits: torch.Tensor, others: Sequence) -> bool:
@@ -134,21 +134,18 @@ def _student_gradient_alone(student_logits: torch.Tensor, others: Sequence) -> b
 # ------------------------------------------------------------------------------------------------
 def statistics_in_forward(op: str, student_logits: torch.Tensor, others: Sequence, size=None) -> bool:
     """True where ``_<op>_with_stats`` serves the call: a gradient wanted for the student alone, no
-    ``size``, and a backend with that op's kernel on the logits' device (CUDA and Triton; the C++ CPU
-    kernels compute the gradient in the forward instead, see :func:`gradient_in_forward`; their kernels of
-    the statistics ops are for tests).
-    ``TPSWARP_KL_STATS=0`` turns it off (for comparisons)."""
+    ``size``, and the CUDA or Triton kernels (the C++ CPU kernels compute the gradient in the forward
+    instead, see :func:`gradient_in_forward`). ``TPSWARP_KL_STATS=0`` turns it off (for comparisons)."""
     if size is not None or os.environ.get("TPSWARP_KL_STATS", "1") == "0":
         return False
     if not _student_gradient_alone(student_logits, others):
         return False
     device = student_logits.device.type
-    key = DEVICES.get(device)
     backend = selected(op, device)
-    # The C++ CPU kernels of these ops are the scalar twin of the CUDA kernels (for tests), slower than the
-    # CPU's blocked kernels.
-    return (key is not None and (backend == "triton" or (backend == "cpp" and device == "cuda"))
-            and torch._C._dispatch_has_kernel_for_dispatch_key(f"tpswarp::_{op}_with_stats", key))
+    # The C++ CPU kernels of the statistics ops are the scalar twin of the CUDA ones (for the tests), slower
+    # than the CPU's blocked kernels.
+    return ((backend == "triton" or (backend == "cpp" and device == "cuda"))
+            and serves_helper(f"_{op}_with_stats", device) and serves_helper(f"_{op}_backward_stats", device))
 
 
 def register_gradient_in_forward(op: str, setup_context: Callable, num_grads: int, num_inputs: int) -> None:
