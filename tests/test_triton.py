@@ -537,6 +537,41 @@ def test_warped_kl_div_statistics_edge_cases():
                           (gl, s32, t32, src32, params32, stats, True, False, "mean"))
 
 
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_kl_statistics_under_torch_compile(compile_backend):
+    """One-way consistency under torch.compile(fullgraph=True): the graph holds the statistics ops (the
+    backend's choice is traceable), and loss and gradient equal eager's."""
+    s, _ = kl_inputs((2, 4, 5, 6), F32, True)
+    _, t = kl_inputs((2, 4, 7, 8), F32, True, seed=3)
+    src, params = tps(2, F32, scale=0.3)
+    probs = t[:, :, :5, :6].softmax(1)
+
+    def one_way(student):
+        return (tpswarp.warped_kl_div(student, t, src, params, teacher_is_logits=True)
+                + tpswarp.masked_kl_div(student, probs, reduction="none").mean())
+
+    def run(fn):
+        leaf = s.detach().clone().requires_grad_(True)
+        loss = fn(leaf)
+        return loss, torch.autograd.grad(loss, leaf)[0]
+
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    run(torch.compile(one_way, fullgraph=True, backend=record))
+    assert {t.removesuffix(".default") for t in targets if "_with_stats" in t} == {
+        "tpswarp._warped_kl_div_with_stats", "tpswarp._masked_kl_div_with_stats"}, targets
+    torch._dynamo.reset()
+    loss_c, grad_c = run(torch.compile(one_way, fullgraph=True, backend=compile_backend))
+    loss_e, grad_e = run(one_way)
+    assert_close(loss_c, loss_e)
+    assert_close(grad_c, grad_e, grad=True)
+
+
 def test_warped_kl_div_deterministic_scatter():
     s, t = kl_inputs((2, 3, 4, 5), F64, True)
     src, params = tps(2, F64, scale=0.3)
