@@ -533,6 +533,33 @@ def test_deterministic_backward(backend, op):
         ctx.__exit__(None, None, None)
 
 
+@pytest.mark.parametrize("mode,padding_mode,size", [("bilinear", "zeros", None), ("bilinear", "reflection", (61, 90)),
+                                                   ("nearest", "border", None)])
+@pytest.mark.parametrize("dtype,kind", [(F32, "channels_last"), (F64, "contiguous"), (BF16, "contiguous")],
+                         ids=["f32-cl", "f64", "bf16"])
+def test_tps_warp_deterministic_image_gradient(backend, mode, padding_mode, size, dtype, kind):
+    """Under torch.use_deterministic_algorithms(True) the image gradient is a deterministic scatter (CUDA:
+    each pixel's taps written to slots and summed by index_add_): the same bits twice, the reference's
+    values, and the TPS gradients alongside."""
+    fn, ref, inputs, mask = case_tps_warp(dtype, kind, True, mode=mode, padding_mode=padding_mode, size=size)
+    ctx = use(backend, "tps_warp")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, grads = run(fn, inputs, mask)
+        _, again = run(fn, inputs, mask)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        ctx.__exit__(None, None, None)
+    for a, b in zip(grads, again):
+        assert torch.equal(a, b)
+    with tpswarp.use_backend("reference"):
+        _, ref_grads = run(ref, inputs, mask)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype and g.shape == r.shape and g.stride() == r.stride()
+        close(g, r, grad=True, dtype=dtype if dtype == BF16 else None, loose=dtype != F64)
+
+
 @pytest.mark.parametrize("op", IMAGE_OPS)
 def test_compile(backend, op):
     fn, ref, inputs, mask = CASES[op](F32, "contiguous", False)

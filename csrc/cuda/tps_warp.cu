@@ -4,9 +4,10 @@
 //
 // Backward:
 // - image gradient: scatter-add with atomicAdd into a buffer of the compute dtype. The order of
-//   the atomic additions varies between runs, so this part is NOT deterministic; with
-//   torch.use_deterministic_algorithms(True) it raises (alertNotDeterministic) when the image
-//   gradient is requested. (A deterministic gather formulation is left for later.)
+//   the atomic additions varies between runs, so this part is NOT deterministic; under
+//   torch.use_deterministic_algorithms(True) each output pixel writes its taps' rows and
+//   contributions instead (image_grad_slots_kernel, 4 x B x Ho x Wo x C values) and at::index_add_
+//   (deterministic in that mode) sums them.
 // - src / params gradients: deterministic. Each thread sums its pixels' terms in registers
 //   (tpswarp/tps_grad_regs.cuh, n <= 16 control points; the grid is capped so that a thread has
 //   several pixels), each block reduces its threads with a fixed tree (warp shuffles, then the warps
@@ -101,6 +102,52 @@ __global__ void __launch_bounds__(kThreads)
     const raw_t* img = image + b * is.b + tap.y * is.h + tap.x * is.w;
     raw_t* o = out + b * os.b + i * os.h + j * os.w;
     for (int64_t c = 0; c < g.C; ++c) o[c * os.c] = tap.inside ? img[c * is.c] : fill;
+  }
+}
+
+// The image gradient under torch.use_deterministic_algorithms(True): instead of the atomics of
+// pixel_backward, output pixel p of item b writes the image rows its taps read (rows[k][b Ho Wo + p]:
+// b H W + y W + x, or B H W for a tap outside the image) and their contributions (contrib[k][b Ho Wo +
+// p][c] = w_k grad_out[b, c, p]), k < 4 taps (1 in nearest mode); at::index_add_, deterministic in that
+// mode, sums them per image pixel. Grid as backward_kernel's.
+template <typename scalar_t, typename acc>
+__global__ void __launch_bounds__(kThreads)
+    image_grad_slots_kernel(GeoArgs<acc> g, Interp mode, const scalar_t* __restrict__ grad_out, Strides4 gs,
+                            int64_t* __restrict__ rows, acc* __restrict__ contrib) {
+  const int npix = static_cast<int>(g.Ho * g.Wo), Wo = static_cast<int>(g.Wo);
+  const int64_t slots = g.B * g.Ho * g.Wo, dropped = g.B * g.H * g.W, n = g.n;
+  for (int64_t b = blockIdx.y; b < g.B; b += gridDim.y) {
+    const int64_t base = b * g.H * g.W;
+    for (int p = blockIdx.x * kThreads + threadIdx.x; p < npix; p += gridDim.x * kThreads) {
+      const int i = p / Wo, j = p - i * Wo;
+      const acc qx = pixel_to_normalized<acc>(j, g.Wo, g.align_corners);
+      const acc qy = pixel_to_normalized<acc>(i, g.Ho, g.align_corners);
+      const auto f = tps_eval<acc>(qx, qy, g.src + b * 2 * n, g.params + b * 2 * (n + 3), n);
+      const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners);
+      const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners);
+      const scalar_t* go = grad_out + b * gs.b + i * gs.h + j * gs.w;
+      const int64_t slot = b * npix + p;
+      if (mode == Interp::Nearest) {
+        const NearestTap tap = nearest_tap(px, py, g.H, g.W);
+        rows[slot] = tap.inside ? base + tap.y * g.W + tap.x : dropped;
+        acc* cp = contrib + slot * g.C;
+        for (int64_t c = 0; c < g.C; ++c) cp[c] = tap.inside ? static_cast<acc>(go[c * gs.c]) : acc(0);
+        continue;
+      }
+      const auto tap = bilinear_tap(px, py, g.H, g.W);
+      const int64_t r[4] = {tap.in00 ? base + tap.y0 * g.W + tap.x0 : dropped,
+                            tap.in10 ? base + tap.y0 * g.W + tap.x1 : dropped,
+                            tap.in01 ? base + tap.y1 * g.W + tap.x0 : dropped,
+                            tap.in11 ? base + tap.y1 * g.W + tap.x1 : dropped};
+      const acc w[4] = {tap.w00, tap.w10, tap.w01, tap.w11};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) rows[k * slots + slot] = r[k];
+      for (int64_t c = 0; c < g.C; ++c) {
+        const acc gc = static_cast<acc>(go[c * gs.c]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) contrib[(k * slots + slot) * g.C + c] = gc * w[k];
+      }
+    }
   }
 }
 
@@ -322,10 +369,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cuda(
   const bool need_image = output_mask[0];
   const bool need_tps = output_mask[1] || output_mask[2];
   const bool need_coord = need_tps && cfg.mode == Interp::Bilinear;  // nearest: zero TPS gradients
-  if (need_image) {
-    // The image gradient is a scatter with atomicAdd: its summation order varies between runs.
-    at::globalContext().alertNotDeterministic("tps_warp_backward_cuda");
-  }
+  // The image gradient is a scatter: with atomicAdd (its summation order varies between runs), or under
+  // torch.use_deterministic_algorithms(True) through image_grad_slots_kernel and at::index_add_.
+  const bool slot_image = need_image && at::globalContext().deterministicAlgorithms();
   const auto ct = warp_compute_dtype(image, src, params);
   const auto fmt = warp_memory_format(image);
   const int64_t P = tps_grad_width(cfg.n);
@@ -342,6 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cuda(
   at::Tensor total;
   if (need_tps) total = at::zeros({cfg.B, P}, src.options().dtype(ct));
 
+  at::Tensor slot_rows, slot_contrib;  // slot_image: (taps, B Ho Wo) image rows, (taps, B Ho Wo, C) contributions
   const bool work = cfg.B * npix > 0 && cfg.C > 0 && (need_image || need_coord);
   if (work) {
     TORCH_CHECK_VALUE(npix <= std::numeric_limits<int>::max() - int64_t(kStrideBlocks) * kThreads, kOp,
@@ -358,16 +405,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cuda(
       using acc = decltype(zero);
       const auto g = geo_args<acc>(cfg, s, p);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "tps_warp_backward_cuda", [&] {
+        const bool atomic_image = need_image && !slot_image;
         auto launch = [&](auto kernel) {
           kernel<<<grid, kThreads, 0, stream>>>(
               g, cfg.mode, image.const_data_ptr<scalar_t>(), strides4(image), grad_out.const_data_ptr<scalar_t>(),
-              strides4(grad_out), need_image ? grad_acc.mutable_data_ptr<acc>() : nullptr,
-              need_image ? strides4(grad_acc) : Strides4{0, 0, 0, 0},
+              strides4(grad_out), atomic_image ? grad_acc.mutable_data_ptr<acc>() : nullptr,
+              atomic_image ? strides4(grad_acc) : Strides4{0, 0, 0, 0},
               need_coord ? partials.mutable_data_ptr<acc>() : nullptr, P, static_cast<acc>(fill));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
+        if (slot_image) {
+          const int64_t taps = cfg.mode == Interp::Bilinear ? 4 : 1;
+          slot_rows = at::empty({taps, cfg.B * npix}, src.options().dtype(at::kLong));
+          slot_contrib = at::empty({taps, cfg.B * npix, cfg.C}, src.options().dtype(ct));
+          image_grad_slots_kernel<scalar_t, acc><<<grid, kThreads, 0, stream>>>(
+              g, cfg.mode, grad_out.const_data_ptr<scalar_t>(), strides4(grad_out),
+              slot_rows.mutable_data_ptr<int64_t>(), slot_contrib.mutable_data_ptr<acc>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
         if (!need_coord) {
-          launch(backward_kernel<scalar_t, acc, 0>);
+          if (atomic_image) launch(backward_kernel<scalar_t, acc, 0>);
         } else if (many_points) {
           launch(backward_many_points_kernel<scalar_t, acc>);
         } else {
@@ -378,6 +435,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tps_warp_backward_cuda(
       });
     });
     if (need_coord) total = partials.sum(1);  // a fixed reduction of the blocks' rows (no atomics)
+    if (slot_image) {
+      const int64_t rows = cfg.B * cfg.H * cfg.W;
+      auto summed = at::zeros({rows + 1, cfg.C}, slot_contrib.options());
+      summed.index_add_(0, slot_rows.view({-1}), slot_contrib.view({-1, cfg.C}));  // deterministic in this mode
+      grad_acc.copy_(summed.narrow(0, 0, rows).view({cfg.B, cfg.H, cfg.W, cfg.C}).permute({0, 3, 1, 2}));
+    }
   }
 
   at::Tensor grad_image = at::empty({0}, image.options());

@@ -42,7 +42,10 @@ def tps_warp(
         ``(out (B, C, Ho, Wo), valid (B, 1, Ho, Wo) bool)``; ``valid`` is True where the
         sample location lies inside the input's pixel-centre hull, i.e. where warping an
         all-ones image bilinearly with zero padding gives 1. Differentiable w.r.t. float
-        ``image`` and ``params`` (and ``src``).
+        ``image`` and ``params`` (and ``src``). The gradient w.r.t. ``image`` on the GPU is a
+        scatter with atomics; under ``torch.use_deterministic_algorithms(True)`` it is
+        deterministic instead (each output pixel's tap contributions summed by ``index_add_``,
+        which allocates 4 (1 in nearest mode) x the output's size in the compute dtype).
     """
     check_tps_warp(image, src, params, mode, padding_mode, fill, size)
     return torch.ops.tpswarp.tps_warp(
