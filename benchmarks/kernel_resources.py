@@ -131,6 +131,8 @@ def _triton_cases(kernels: Dict, quick: bool):
     perm = torch.stack([torch.randperm(3, generator=g) for _ in range(Bi)])
     grad = torch.ones(())
 
+    from tpswarp.triton import masked_kl_div as tmk, warped_kl_div as twk
+
     mk_fwd, mk_bwd = kernels[("masked_kl_div", "triton")]
     wk_fwd, wk_bwd = kernels[("warped_kl_div", "triton")]
     pj_fwd, pj_bwd = kernels[("photometric_jitter", "triton")]
@@ -141,7 +143,18 @@ def _triton_cases(kernels: Dict, quick: bool):
         yield f"masked_kl_div forward {name}", lambda: mk_fwd(sd, td, mask, True, "mean", None)
         yield (f"masked_kl_div backward {name}",
                lambda: mk_bwd(grad, sd, td, mask, True, "mean", None, [True, False]))
+        # one-way consistency: the forward keeps the statistics, the backward reads them
+        stats_m = torch.zeros(B, 4, H * W)
+        stats_w = torch.zeros(B, 5, H * W)
+        yield f"masked_kl_div forward keeping statistics {name}", lambda: tmk.masked_kl_div_with_stats(
+            sd, td, mask, True, "mean")
+        yield f"masked_kl_div backward from statistics {name}", lambda: tmk.masked_kl_div_backward_stats(
+            grad, sd, td, mask, stats_m, True, "mean")
         yield f"warped_kl_div forward {name}", lambda: wk_fwd(sd, td, src, params, True, False, "mean", None)
+        yield f"warped_kl_div forward keeping statistics {name}", lambda: twk.warped_kl_div_with_stats(
+            sd, td, src, params, True, False, "mean")
+        yield f"warped_kl_div backward from statistics {name}", lambda: twk.warped_kl_div_backward_stats(
+            grad, sd, td, src, params, stats_w, True, False, "mean")
         yield (f"warped_kl_div backward {name}",
                lambda: wk_bwd(grad, sd, td, src, params, True, False, "mean", None, [True, False, False, True]))
         yield f"photometric_jitter forward {name}", lambda: pj_fwd(img, *jitter, perm, False)
