@@ -466,7 +466,8 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_with_grad_cpu(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> masked_kl_div_with_stats_cpu(const at::Tensor& student_logits,
                                                                 const at::Tensor& teacher,
                                                                 const std::optional<at::Tensor>& mask,
-                                                                bool teacher_is_logits, c10::string_view reduction_name) {
+                                                                bool teacher_is_logits,
+                                                                c10::string_view reduction_name) {
   check_inputs(student_logits, teacher);
   const auto reduction = parse_reduction(reduction_name, kOp);
   const auto dtype = kl_compute_dtype(student_logits, teacher);

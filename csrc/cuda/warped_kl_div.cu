@@ -79,8 +79,8 @@ constexpr bool kRegs = std::is_same<acc, float>::value && !std::is_same<scalar_t
 template <typename scalar_t, typename acc, int MAX_C>
 __global__ void warped_kl_forward_kernel(Geometry g, const scalar_t* __restrict__ s, Strides4 ss,
                                          const scalar_t* __restrict__ t, Strides4 ts, const acc* __restrict__ src,
-                                         const acc* __restrict__ params, acc* __restrict__ kl, acc* __restrict__ weights,
-                                         acc* __restrict__ stats) {
+                                         const acc* __restrict__ params, acc* __restrict__ kl,
+                                         acc* __restrict__ weights, acc* __restrict__ stats) {
   const int64_t N = g.H * g.W;
   const int64_t b = blockIdx.y;
   const int npix = static_cast<int>(N), Wi = static_cast<int>(g.W);  // 32-bit: see check_pixel_count

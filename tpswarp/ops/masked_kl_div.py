@@ -47,9 +47,9 @@ def masked_kl_div(
             per input pixel.
 
     On CUDA (C++ and Triton kernels), when only ``student_logits`` requires a gradient and ``size``
-    is None (any ``reduction``), the forward also keeps 4 statistics per pixel (the class maxima and log-normalizers,
-    ``_masked_kl_div_with_stats``): the backward then sweeps the classes once instead of twice
-    (``TPSWARP_KL_STATS=0`` turns it off).
+    is None (any ``reduction``), the forward also keeps 4 statistics per pixel (the class maxima and
+    log-normalizers, ``_masked_kl_div_with_stats``): the backward then sweeps the classes once
+    instead of twice (``TPSWARP_KL_STATS=0`` turns it off).
 
     With the C++ CPU kernels, when only ``student_logits`` requires a gradient (the teacher does
     not) and ``reduction`` is ``"mean"`` or ``"sum"``, the forward also computes the student's
