@@ -395,7 +395,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warped_kl_div_backwar
   TORCH_CHECK_VALUE(!need_coords || p.g.n <= kTpsGradMaxPoints, kOp,
                     ": the CUDA backward to `src`/`params` supports at most ", show(kTpsGradMaxPoints),
                     " control points, got n=", show(p.g.n), "; use the reference backend for more");
-  if (output_mask[1]) at::globalContext().alertNotDeterministic("warped_kl_div_backward_cuda (teacher gradient)");
+  if (output_mask[1]) {
+    at::globalContext().alertNotDeterministic(
+        "warped_kl_div_backward_cuda (teacher gradient; the Triton backend's is deterministic in this mode: "
+        "tpswarp.use_backend('triton'))");
+  }
   auto placeholder = [](const at::Tensor& x) { return at::empty({0}, x.options()); };
   at::Tensor grad_s = output_mask[0] ? at::empty_like(student_logits) : placeholder(student_logits);
   at::Tensor grad_t = output_mask[1] ? at::zeros_like(teacher) : placeholder(teacher);
