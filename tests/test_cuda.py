@@ -276,30 +276,22 @@ def test_kl_register_path_matches_generic(op, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype,kind", [(F32, "contiguous"), (F64, "non_contiguous"), (F32, "channels_last"),
-                                        (BF16, "channels_last")], ids=["f32", "f64-noncontig", "f32-cl", "bf16-cl"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
-def test_masked_kl_statistics_from_forward(backend, monkeypatch, teacher_is_logits, reduction, dtype, kind):
-    """The student's gradient alone: the forward keeps 4 statistics per pixel (_masked_kl_div_with_stats)
-    and the backward sweeps the classes once. Against the plain backward (TPSWARP_KL_STATS=0), the
-    register path of the CUDA forward (TPSWARP_CUDA_KL_REGS=1), and the reference."""
-    s, t = kl_inputs((2, 19, 61, 67), dtype, teacher_is_logits)
-    s, t = layout(s, kind), layout(t, kind)
-    m = rand(2, 61, 67, seed=7) > 0.3
-    kw = dict(teacher_is_logits=teacher_is_logits, reduction=reduction)
+def check_statistics_paths(backend, monkeypatch, op, loss_of, s, dtype):
+    """The student's gradient of ``loss_of(s)`` with the statistics kept by the forward, without them
+    (TPSWARP_KL_STATS=0) and, for the CUDA kernels, with the register path of their forward
+    (TPSWARP_CUDA_KL_REGS=1): each call takes the path asked for, and all agree."""
     settings = [("1", "0"), ("0", "0")] + ([("1", "1")] if backend == "cpp" else [])
     results = []
-    ctx = use(backend, "masked_kl_div")
+    ctx = use(backend, op)
     try:
         for stats_flag, regs_flag in settings:
             monkeypatch.setenv("TPSWARP_KL_STATS", stats_flag)
             monkeypatch.setenv("TPSWARP_CUDA_KL_REGS", regs_flag)
             leaf = s.detach().requires_grad_(True)
-            loss = tpswarp.masked_kl_div(leaf, t, m, **kw)
-            assert ("_masked_kl_div_with_stats" in loss.grad_fn.name()) == (stats_flag == "1")
+            loss = loss_of(leaf)
+            assert (f"_{op}_with_stats" in loss.grad_fn.name()) == (stats_flag == "1")
             grad = torch.autograd.grad(loss, leaf, randn(*loss.shape, dtype=loss.dtype, seed=3) + 0.5)[0]
-            assert grad.stride() == s.stride()
+            assert grad.stride() == torch.empty_like(s).stride()  # channels_last kept
             results.append((loss.detach(), grad))
         torch.cuda.synchronize()
     finally:
@@ -308,7 +300,21 @@ def test_masked_kl_statistics_from_forward(backend, monkeypatch, teacher_is_logi
     for other_loss, other_grad in others:
         torch.testing.assert_close(loss, other_loss, rtol=1e-6, atol=1e-7)
         assert_close(grad, other_grad, grad=True, dtype=dtype)
-    fn, ref, _, _ = case_masked_kl_div(dtype, kind, True, teacher_is_logits, reduction)
+
+
+@pytest.mark.parametrize("dtype,kind", [(F32, "contiguous"), (F64, "non_contiguous"), (F32, "channels_last"),
+                                        (BF16, "channels_last")], ids=["f32", "f64-noncontig", "f32-cl", "bf16-cl"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
+def test_masked_kl_statistics_from_forward(backend, monkeypatch, teacher_is_logits, reduction, dtype, kind):
+    """The student's gradient alone: the forward keeps 4 statistics per pixel (_masked_kl_div_with_stats)
+    and the backward sweeps the classes once. Against the plain backward and the reference."""
+    s, t = kl_inputs((2, 19, 61, 67), dtype, teacher_is_logits)
+    s, t = layout(s, kind), layout(t, kind)
+    m = rand(2, 61, 67, seed=7) > 0.3
+    kw = dict(teacher_is_logits=teacher_is_logits, reduction=reduction)
+    check_statistics_paths(backend, monkeypatch, "masked_kl_div", lambda a: tpswarp.masked_kl_div(a, t, m, **kw), s,
+                           dtype)
     compare(backend, "masked_kl_div", lambda a, b: tpswarp.masked_kl_div(a, b, m, **kw),
             lambda a, b: reference.masked_kl_div(a, b, m, **kw), (s, t), (True, False),
             dtype=dtype if dtype == BF16 else None)
@@ -321,34 +327,15 @@ def test_masked_kl_statistics_from_forward(backend, monkeypatch, teacher_is_logi
 def test_warped_kl_statistics_from_forward(backend, monkeypatch, teacher_is_logits, reduction, dtype, kind):
     """One-way consistency (the student's gradient alone): the forward keeps 5 values per pixel
     (_warped_kl_div_with_stats), the backward sweeps the classes once without the validity pass.
-    Against the plain backward (TPSWARP_KL_STATS=0), the register path of the CUDA forward
-    (TPSWARP_CUDA_KL_REGS=1), and the reference."""
+    Against the plain backward and the reference."""
     s, _ = kl_inputs((2, 19, 61, 67), dtype, teacher_is_logits)
     t = 2 * smooth(2, 19, 53, 71, dtype=F64, seed=1)
     t = (t if teacher_is_logits else torch.softmax(t, dim=1)).to(dtype)
     s, t = layout(s, kind), layout(t, kind)
     src, _, params = tps(2, F64 if dtype == F64 else F32, seed=4)
     kw = dict(teacher_is_logits=teacher_is_logits, reduction=reduction)
-    settings = [("1", "0"), ("0", "0")] + ([("1", "1")] if backend == "cpp" else [])
-    results = []
-    ctx = use(backend, "warped_kl_div")
-    try:
-        for stats_flag, regs_flag in settings:
-            monkeypatch.setenv("TPSWARP_KL_STATS", stats_flag)
-            monkeypatch.setenv("TPSWARP_CUDA_KL_REGS", regs_flag)
-            leaf = s.detach().requires_grad_(True)
-            loss = tpswarp.warped_kl_div(leaf, t, src, params, **kw)
-            assert ("_warped_kl_div_with_stats" in loss.grad_fn.name()) == (stats_flag == "1")
-            grad = torch.autograd.grad(loss, leaf, randn(*loss.shape, dtype=loss.dtype, seed=3) + 0.5)[0]
-            assert grad.stride() == s.stride()
-            results.append((loss.detach(), grad))
-        torch.cuda.synchronize()
-    finally:
-        ctx.__exit__(None, None, None)
-    (loss, grad), *others = results
-    for other_loss, other_grad in others:
-        torch.testing.assert_close(loss, other_loss, rtol=1e-6, atol=1e-7)
-        assert_close(grad, other_grad, grad=True, dtype=dtype)
+    check_statistics_paths(backend, monkeypatch, "warped_kl_div",
+                           lambda a: tpswarp.warped_kl_div(a, t, src, params, **kw), s, dtype)
     compare(backend, "warped_kl_div", lambda a, b, c, p: tpswarp.warped_kl_div(a, b, c, p, **kw),
             lambda a, b, c, p: reference.warped_kl_div(a, b, c, p, **kw), (s, t, src, params),
             (True, False, False, False), dtype=dtype if dtype == BF16 else None, loose=dtype != F64)

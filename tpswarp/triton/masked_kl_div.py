@@ -152,6 +152,36 @@ def _tile_grads(s, t, m, s_max, log_zs, t_max, log_zt, kl, p_sum, scale, TEACHER
 
 
 @triton.jit
+def _store_stats(st, stride, s_max, log_zs, t_max, log_zt, p_sum, m, TEACHER_LOGITS: tl.constexpr):
+    """The statistics of the student's gradient at ``st``, rows ``stride`` apart (kl.h's kl_stats_store)."""
+    tl.store(st, s_max, mask=m)
+    tl.store(st + stride, log_zs, mask=m)
+    if TEACHER_LOGITS:
+        tl.store(st + 2 * stride, t_max, mask=m)
+        tl.store(st + 3 * stride, log_zt, mask=m)
+    else:
+        tl.store(st + 2 * stride, p_sum, mask=m)
+        tl.store(st + 3 * stride, tl.zeros_like(p_sum), mask=m)
+
+
+@triton.jit
+def _load_stats(st, stride, m, TEACHER_LOGITS: tl.constexpr):
+    """(s_max, log_zs, t_max, log_zt, kl, p_sum) stored by ``_store_stats`` (kl = 0: not kept)."""
+    s_max = tl.load(st, mask=m, other=0.0)
+    log_zs = tl.load(st + stride, mask=m, other=0.0)
+    zero = tl.zeros_like(s_max)
+    if TEACHER_LOGITS:
+        t_max = tl.load(st + 2 * stride, mask=m, other=0.0)
+        log_zt = tl.load(st + 3 * stride, mask=m, other=0.0)
+        p_sum = tl.full(s_max.shape, 1.0, s_max.dtype)
+    else:
+        t_max = zero
+        log_zt = zero
+        p_sum = tl.load(st + 2 * stride, mask=m, other=0.0)
+    return s_max, log_zs, t_max, log_zt, zero, p_sum
+
+
+@triton.jit
 def _masked_kl_fwd_kernel(
     s_ptr, t_ptr, w_ptr, out_ptr, st_ptr,
     C, N, S2,
@@ -167,16 +197,8 @@ def _masked_kl_fwd_kernel(
     t_ptrs = t_ptr + b * ts_b + pixel_offsets(offs, S2, ts_h, ts_w, MERGED)
     s_max, log_zs, t_max, log_zt, kl, p_sum = _online_stats(s_ptrs, ss_c, t_ptrs, ts_c, C, pmask, TEACHER_LOGITS,
                                                             ACC)
-    if STATS:  # (B, 4, N): kl.h's kl_stats_store
-        st = st_ptr + b * (4 * N) + offs
-        tl.store(st, s_max, mask=pmask)
-        tl.store(st + N, log_zs, mask=pmask)
-        if TEACHER_LOGITS:
-            tl.store(st + 2 * N, t_max, mask=pmask)
-            tl.store(st + 3 * N, log_zt, mask=pmask)
-        else:
-            tl.store(st + 2 * N, p_sum, mask=pmask)
-            tl.store(st + 3 * N, tl.zeros_like(p_sum), mask=pmask)
+    if STATS:  # (B, 4, N)
+        _store_stats(st_ptr + b * (4 * N) + offs, N, s_max, log_zs, t_max, log_zt, p_sum, pmask, TEACHER_LOGITS)
     if HAS_W:
         wt = tl.load(w_ptr + b * N + offs, mask=pmask, other=0.0)
         kl = tl.where(wt != 0, kl * wt, 0.0)
@@ -216,18 +238,7 @@ def _masked_kl_bwd_kernel(
     gs_ptrs = gs_ptr + b * gs_b + pixel_offsets(offs, S2, gs_h, gs_w, MERGED)
     gt_ptrs = gt_ptr + b * gt_b + pixel_offsets(offs, S2, gt_h, gt_w, MERGED)
     if FROM_STATS:
-        st = st_ptr + b * (4 * N) + offs
-        s_max = tl.load(st, mask=pmask, other=0.0)
-        log_zs = tl.load(st + N, mask=pmask, other=0.0)
-        kl = tl.zeros_like(s_max)
-        if TEACHER_LOGITS:
-            t_max = tl.load(st + 2 * N, mask=pmask, other=0.0)
-            log_zt = tl.load(st + 3 * N, mask=pmask, other=0.0)
-            p_sum = tl.full(s_max.shape, 1.0, s_max.dtype)
-        else:
-            t_max = tl.zeros_like(s_max)
-            log_zt = tl.zeros_like(s_max)
-            p_sum = tl.load(st + 2 * N, mask=pmask, other=0.0)
+        s_max, log_zs, t_max, log_zt, kl, p_sum = _load_stats(st_ptr + b * (4 * N) + offs, N, pmask, TEACHER_LOGITS)
     else:
         s_max, log_zs, t_max, log_zt, kl, p_sum = _online_stats(s_ptrs, ss_c, t_ptrs, ts_c, C, pmask,
                                                                 TEACHER_LOGITS, ACC)

@@ -38,7 +38,8 @@ from ._utils import (INTERPRET, acc_dtype, cast_to, deterministic, device_guard,
                      tps_backward_partials, tps_param_grads)
 from ._resize import (reader_span, readers_begin, resize_scales, resize_tap, resize_weight, resized_tile,
                       resized_value)
-from .masked_kl_div import _finish, _online_first, _online_update, _pixel_grads, _tile_grads
+from .masked_kl_div import (_finish, _load_stats, _online_first, _online_update, _pixel_grads, _store_stats,
+                            _tile_grads)
 from .tps_warp import _coords
 
 # size=None: pixels per program (forward, backward) and warps: one pixel per thread, so the student's
@@ -139,16 +140,9 @@ def _warped_kl_fwd_kernel(
             s_ptrs, ss_c, t_ptrs, ts_c, ts_h, ts_w, C, pm, valid, m00, m10, m01, m11, w00, w10, w01, w11,
             TEACHER_LOGITS, ACC)
         kl = tl.where(valid, kl, 0.0)
-        if STATS:
+        if STATS:  # (B, 5, H W): the statistics, then the validity weight
             st = st_ptr + b * (5 * P) + offs
-            tl.store(st, s_max, mask=pm)
-            tl.store(st + P, log_zs, mask=pm)
-            if TEACHER_LOGITS:
-                tl.store(st + 2 * P, t_max, mask=pm)
-                tl.store(st + 3 * P, log_zt, mask=pm)
-            else:
-                tl.store(st + 2 * P, p_sum, mask=pm)
-                tl.store(st + 3 * P, tl.zeros_like(p_sum), mask=pm)
+            _store_stats(st, P, s_max, log_zs, t_max, log_zt, p_sum, pm, TEACHER_LOGITS)
             tl.store(st + 4 * P, valid.to(ACC), mask=pm)
         if REDUCE_NONE:
             tl.store(out_ptr + b * P + offs, kl, mask=pm)
@@ -197,18 +191,7 @@ def _warped_kl_bwd_kernel(
     gs_ptrs = gs_ptr + b * gs_b + pixel_offsets(offs, W, gs_h, gs_w, MERGED)
     gt_ptrs = gt_ptr + b * gt_b + yi * gt_h + xi * gt_w
     if FROM_STATS:
-        st = st_ptr + b * (5 * P) + offs
-        s_max = tl.load(st, mask=pm, other=0.0)
-        log_zs = tl.load(st + P, mask=pm, other=0.0)
-        kl = tl.zeros_like(s_max)
-        if TEACHER_LOGITS:
-            t_max = tl.load(st + 2 * P, mask=pm, other=0.0)
-            log_zt = tl.load(st + 3 * P, mask=pm, other=0.0)
-            p_sum = tl.full(s_max.shape, 1.0, s_max.dtype)
-        else:
-            t_max = tl.zeros_like(s_max)
-            log_zt = tl.zeros_like(s_max)
-            p_sum = tl.load(st + 2 * P, mask=pm, other=0.0)
+        s_max, log_zs, t_max, log_zt, kl, p_sum = _load_stats(st_ptr + b * (5 * P) + offs, P, pm, TEACHER_LOGITS)
     else:
         s_max, log_zs, t_max, log_zt, kl, p_sum = _warped_online_stats(
             s_ptrs, ss_c, t_ptrs, ts_c, ts_h, ts_w, C, pm, valid, m00, m10, m01, m11, w00, w10, w01, w11,
