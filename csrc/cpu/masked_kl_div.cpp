@@ -468,83 +468,68 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_with_stats_cpu(const at::Tensor
                                                                 const std::optional<at::Tensor>& mask,
                                                                 bool teacher_is_logits,
                                                                 c10::string_view reduction_name) {
-  check_inputs(student_logits, teacher);
-  const auto reduction = parse_reduction(reduction_name, kOp);
-  const auto dtype = kl_compute_dtype(student_logits, teacher);
-  const int64_t B = student_logits.size(0), C = student_logits.size(1);
-  const int64_t N = B * C == 0 ? 0 : student_logits.numel() / (B * C);
-  auto weights = kl_weights(mask, student_logits, dtype, kOp);
-  const auto in_dtype = student_logits.scalar_type() == teacher.scalar_type() ? student_logits.scalar_type() : dtype;
-  auto s = student_logits.to(in_dtype).reshape({B, C, N});
-  auto t = teacher.to(in_dtype).reshape({B, C, N});
-  auto kl = at::zeros({B, N}, student_logits.options().dtype(dtype));
-  auto stats = at::zeros({B, kKlStats, N}, student_logits.options().dtype(dtype));
-  if (B * N > 0 && C > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_with_stats_cpu", [&] {
+  const auto o = kl_operands(student_logits, teacher, mask, reduction_name, kOp);
+  auto kl = at::zeros({o.B, o.N}, student_logits.options().dtype(o.dtype));
+  auto stats = at::zeros({o.B, kKlStats, o.N}, kl.options());
+  if (o.B * o.N > 0 && o.C > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.in_dtype, "masked_kl_div_with_stats_cpu", [&] {
       using acc = acc_t<scalar_t>;
-      const scalar_t* sp = s.const_data_ptr<scalar_t>();
-      const scalar_t* tp = t.const_data_ptr<scalar_t>();
-      const acc* wp = weights.defined() ? weights.const_data_ptr<acc>() : nullptr;
+      const scalar_t* sp = o.s.const_data_ptr<scalar_t>();
+      const scalar_t* tp = o.t.const_data_ptr<scalar_t>();
+      const acc* wp = o.weights.defined() ? o.weights.const_data_ptr<acc>() : nullptr;
       acc* out = kl.mutable_data_ptr<acc>();
       acc* stp = stats.mutable_data_ptr<acc>();
-      at::parallel_for(0, B * N, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, o.B * o.N, std::max<int64_t>(1, 4096 / o.C), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          const int64_t b = i / N, n = i % N;
+          const int64_t b = i / o.N, n = i % o.N;
           const acc w = wp ? wp[i] : acc(1);
           if (w == acc(0)) continue;  // loss and statistics 0 (the gradient is 0 there)
-          const auto st = kl_pixel<scalar_t>(sp + b * s.stride(0) + n * s.stride(2), s.stride(1),
-                                            tp + b * t.stride(0) + n * t.stride(2), t.stride(1), C,
+          const auto st = kl_pixel<scalar_t>(sp + b * o.s.stride(0) + n * o.s.stride(2), o.s.stride(1),
+                                            tp + b * o.t.stride(0) + n * o.t.stride(2), o.t.stride(1), o.C,
                                             teacher_is_logits, true);
           out[i] = w * st.kl;
-          kl_stats_store(st, teacher_is_logits, stp + b * kKlStats * N + n, N);
+          kl_stats_store(st, teacher_is_logits, stp + b * kKlStats * o.N + n, o.N);
         }
       });
     });
   }
-  return {kl_reduce(kl, weights, reduction, kl_loss_shape(student_logits)), stats};
+  return {kl_reduce(kl, o.weights, o.reduction, kl_loss_shape(student_logits)), stats};
 }
 
 at::Tensor masked_kl_div_backward_stats_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
                                             const at::Tensor& teacher, const std::optional<at::Tensor>& mask,
                                             const at::Tensor& stats, bool teacher_is_logits,
                                             c10::string_view reduction_name) {
-  check_inputs(student_logits, teacher);
-  const auto reduction = parse_reduction(reduction_name, kOp);
-  const auto dtype = kl_compute_dtype(student_logits, teacher);
-  const int64_t B = student_logits.size(0), C = student_logits.size(1);
-  const int64_t N = B * C == 0 ? 0 : student_logits.numel() / (B * C);
-  check_kl_stats(stats, B, kKlStats, N, dtype, student_logits, kOp);
-  auto weights = kl_weights(mask, student_logits, dtype, kOp);
-  auto factor = kl_grad_factor(grad_loss, weights, reduction, B, N, dtype);
-  const auto in_dtype = student_logits.scalar_type() == teacher.scalar_type() ? student_logits.scalar_type() : dtype;
+  const auto o = kl_operands(student_logits, teacher, mask, reduction_name, kOp);
+  check_kl_stats(stats, o.B, kKlStats, o.N, o.dtype, student_logits, kOp);
+  auto factor = kl_grad_factor(grad_loss, o.weights, o.reduction, o.B, o.N, o.dtype);
   at::Tensor grad_s = at::empty_like(student_logits);
-  at::Tensor gs = grad_s.scalar_type() != in_dtype ? at::empty_like(grad_s, grad_s.options().dtype(in_dtype)) : grad_s;
-  if (B * N > 0 && C > 0) {
-    auto s = student_logits.to(in_dtype).reshape({B, C, N});
-    auto t = teacher.to(in_dtype).reshape({B, C, N});
-    auto gs3 = gs.view({B, C, N});
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_backward_stats_cpu", [&] {
+  at::Tensor gs = grad_s.scalar_type() != o.in_dtype ? at::empty_like(grad_s, grad_s.options().dtype(o.in_dtype))
+                                                     : grad_s;
+  if (o.B * o.N > 0 && o.C > 0) {
+    auto gs3 = gs.view({o.B, o.C, o.N});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.in_dtype, "masked_kl_div_backward_stats_cpu", [&] {
       using acc = acc_t<scalar_t>;
-      const scalar_t* sp = s.const_data_ptr<scalar_t>();
-      const scalar_t* tp = t.const_data_ptr<scalar_t>();
-      const acc* wp = weights.defined() ? weights.const_data_ptr<acc>() : nullptr;
+      const scalar_t* sp = o.s.const_data_ptr<scalar_t>();
+      const scalar_t* tp = o.t.const_data_ptr<scalar_t>();
+      const acc* wp = o.weights.defined() ? o.weights.const_data_ptr<acc>() : nullptr;
       const acc* fp = factor.const_data_ptr<acc>();
       const int64_t f_step = factor.dim() == 0 ? 0 : 1;
       const acc* stp = stats.const_data_ptr<acc>();
       scalar_t* gp = gs3.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, B * N, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, o.B * o.N, std::max<int64_t>(1, 4096 / o.C), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          const int64_t b = i / N, n = i % N;
+          const int64_t b = i / o.N, n = i % o.N;
           const acc scale = fp[i * f_step] * (wp ? wp[i] : acc(1));
           scalar_t* gi = gp + b * gs3.stride(0) + n * gs3.stride(2);
           if (scale == acc(0)) {
-            for (int64_t c = 0; c < C; ++c) gi[c * gs3.stride(1)] = scalar_t(0);
+            for (int64_t c = 0; c < o.C; ++c) gi[c * gs3.stride(1)] = scalar_t(0);
             continue;
           }
-          const auto st = kl_stats_load(stp + b * kKlStats * N + n, N, teacher_is_logits);
-          kl_pixel_grad<scalar_t>(sp + b * s.stride(0) + n * s.stride(2), s.stride(1),
-                                  tp + b * t.stride(0) + n * t.stride(2), t.stride(1), C, teacher_is_logits, st,
-                                  scale, gi, gs3.stride(1), static_cast<scalar_t*>(nullptr), 0);
+          const auto st = kl_stats_load(stp + b * kKlStats * o.N + n, o.N, teacher_is_logits);
+          kl_pixel_grad<scalar_t>(sp + b * o.s.stride(0) + n * o.s.stride(2), o.s.stride(1),
+                                  tp + b * o.t.stride(0) + n * o.t.stride(2), o.t.stride(1), o.C, teacher_is_logits,
+                                  st, scale, gi, gs3.stride(1), static_cast<scalar_t*>(nullptr), 0);
         }
       });
     });

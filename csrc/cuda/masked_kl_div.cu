@@ -368,27 +368,20 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_sized_backward_cuda(const at::T
 // size=None forward: the loss, and with want_stats the statistics of kl_stats_store ((B, kKlStats, N)).
 std::tuple<at::Tensor, at::Tensor> masked_forward(const at::Tensor& student_logits, const at::Tensor& teacher,
                                                   const std::optional<at::Tensor>& mask, bool teacher_is_logits,
-                                                  Reduction reduction, bool want_stats) {
-  check_inputs(student_logits, teacher);
-  const auto dtype = kl_compute_dtype(student_logits, teacher);
-  const int64_t B = student_logits.size(0), C = student_logits.size(1);
-  const int64_t N = B * C == 0 ? 0 : student_logits.numel() / (B * C);
-  auto weights = kl_weights(mask, student_logits, dtype, kOp);
-  const auto in_dtype = student_logits.scalar_type() == teacher.scalar_type() ? student_logits.scalar_type() : dtype;
-  auto s = student_logits.to(in_dtype).reshape({B, C, N});
-  auto t = teacher.to(in_dtype).reshape({B, C, N});
-  auto kl = at::empty({B, N}, student_logits.options().dtype(dtype));
-  auto stats = at::empty({want_stats ? B : 0, kKlStats, N}, student_logits.options().dtype(dtype));
-  const int64_t total = B * N;
-  if (total > 0 && C > 0) {
+                                                  c10::string_view reduction, bool want_stats) {
+  const auto o = kl_operands(student_logits, teacher, mask, reduction, kOp);
+  auto kl = at::empty({o.B, o.N}, student_logits.options().dtype(o.dtype));
+  auto stats = at::empty({want_stats ? o.B : 0, kKlStats, o.N}, kl.options());
+  const int64_t total = o.B * o.N;
+  if (total > 0 && o.C > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.in_dtype, "masked_kl_div_cuda", [&] {
       using acc = acc_t<scalar_t>;
-      dispatch_max_classes(C, [&](auto max_c) {
-        kl_forward_kernel<scalar_t, acc, decltype(max_c)::value><<<pixel_grid(B, N), kThreads, 0, stream>>>(
-            s.const_data_ptr<scalar_t>(), strides_of(s), t.const_data_ptr<scalar_t>(), strides_of(t),
-            weights.defined() ? weights.const_data_ptr<acc>() : nullptr, kl.mutable_data_ptr<acc>(),
-            want_stats ? stats.mutable_data_ptr<acc>() : nullptr, total, N, C, teacher_is_logits);
+      dispatch_max_classes(o.C, [&](auto max_c) {
+        kl_forward_kernel<scalar_t, acc, decltype(max_c)::value><<<pixel_grid(o.B, o.N), kThreads, 0, stream>>>(
+            o.s.const_data_ptr<scalar_t>(), strides_of(o.s), o.t.const_data_ptr<scalar_t>(), strides_of(o.t),
+            o.weights.defined() ? o.weights.const_data_ptr<acc>() : nullptr, kl.mutable_data_ptr<acc>(),
+            want_stats ? stats.mutable_data_ptr<acc>() : nullptr, total, o.N, o.C, teacher_is_logits);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -396,18 +389,18 @@ std::tuple<at::Tensor, at::Tensor> masked_forward(const at::Tensor& student_logi
     kl.zero_();
     stats.zero_();
   }
-  return {kl_reduce(kl, weights, reduction, kl_loss_shape(student_logits)), stats};
+  return {kl_reduce(kl, o.weights, o.reduction, kl_loss_shape(student_logits)), stats};
 }
 
 at::Tensor masked_kl_div_cuda(const at::Tensor& student_logits, const at::Tensor& teacher,
                               const std::optional<at::Tensor>& mask, bool teacher_is_logits,
                               c10::string_view reduction_name, at::OptionalIntArrayRef size) {
   c10::cuda::CUDAGuard guard(student_logits.device());
-  const auto reduction = parse_reduction(reduction_name, kOp);
   if (size.has_value()) {
+    const auto reduction = parse_reduction(reduction_name, kOp);
     return masked_kl_div_sized_cuda(student_logits, teacher, mask, teacher_is_logits, reduction, *size);
   }
-  return std::get<0>(masked_forward(student_logits, teacher, mask, teacher_is_logits, reduction, false));
+  return std::get<0>(masked_forward(student_logits, teacher, mask, teacher_is_logits, reduction_name, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_kl_div_with_stats_cuda(const at::Tensor& student_logits,
@@ -416,8 +409,7 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_div_with_stats_cuda(const at::Tenso
                                                                  bool teacher_is_logits,
                                                                  c10::string_view reduction_name) {
   c10::cuda::CUDAGuard guard(student_logits.device());
-  const auto reduction = parse_reduction(reduction_name, kOp);
-  return masked_forward(student_logits, teacher, mask, teacher_is_logits, reduction, true);
+  return masked_forward(student_logits, teacher, mask, teacher_is_logits, reduction_name, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_kl_div_backward_cuda(const at::Tensor& grad_loss,
@@ -480,30 +472,23 @@ at::Tensor masked_kl_div_backward_stats_cuda(const at::Tensor& grad_loss, const 
                                              const at::Tensor& stats, bool teacher_is_logits,
                                              c10::string_view reduction_name) {
   c10::cuda::CUDAGuard guard(student_logits.device());
-  check_inputs(student_logits, teacher);
-  const auto reduction = parse_reduction(reduction_name, kOp);
-  const auto dtype = kl_compute_dtype(student_logits, teacher);
-  const int64_t B = student_logits.size(0), C = student_logits.size(1);
-  const int64_t N = B * C == 0 ? 0 : student_logits.numel() / (B * C);
-  check_kl_stats(stats, B, kKlStats, N, dtype, student_logits, kOp);
-  auto weights = kl_weights(mask, student_logits, dtype, kOp);
-  auto factor = kl_grad_factor(grad_loss, weights, reduction, B, N, dtype);
-  const auto in_dtype = student_logits.scalar_type() == teacher.scalar_type() ? student_logits.scalar_type() : dtype;
+  const auto o = kl_operands(student_logits, teacher, mask, reduction_name, kOp);
+  check_kl_stats(stats, o.B, kKlStats, o.N, o.dtype, student_logits, kOp);
+  auto factor = kl_grad_factor(grad_loss, o.weights, o.reduction, o.B, o.N, o.dtype);
   at::Tensor grad_s = at::empty_like(student_logits);
-  at::Tensor gs = grad_s.scalar_type() != in_dtype ? at::empty_like(grad_s, grad_s.options().dtype(in_dtype)) : grad_s;
-  const int64_t total = B * N;
-  if (total > 0 && C > 0) {
-    auto s = student_logits.to(in_dtype).reshape({B, C, N});
-    auto t = teacher.to(in_dtype).reshape({B, C, N});
-    auto gs3 = gs.view({B, C, N});
+  at::Tensor gs = grad_s.scalar_type() != o.in_dtype ? at::empty_like(grad_s, grad_s.options().dtype(o.in_dtype))
+                                                     : grad_s;
+  const int64_t total = o.B * o.N;
+  if (total > 0 && o.C > 0) {
+    auto gs3 = gs.view({o.B, o.C, o.N});
     auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "masked_kl_div_backward_stats_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.in_dtype, "masked_kl_div_backward_stats_cuda", [&] {
       using acc = acc_t<scalar_t>;
-      kl_backward_from_stats_kernel<scalar_t, acc><<<pixel_grid(B, N), kThreads, 0, stream>>>(
-          s.const_data_ptr<scalar_t>(), strides_of(s), t.const_data_ptr<scalar_t>(), strides_of(t),
-          stats.const_data_ptr<acc>(), weights.defined() ? weights.const_data_ptr<acc>() : nullptr,
+      kl_backward_from_stats_kernel<scalar_t, acc><<<pixel_grid(o.B, o.N), kThreads, 0, stream>>>(
+          o.s.const_data_ptr<scalar_t>(), strides_of(o.s), o.t.const_data_ptr<scalar_t>(), strides_of(o.t),
+          stats.const_data_ptr<acc>(), o.weights.defined() ? o.weights.const_data_ptr<acc>() : nullptr,
           factor.const_data_ptr<acc>(), factor.dim() == 0 ? 0 : 1, gs3.mutable_data_ptr<scalar_t>(),
-          strides_of(gs3), total, N, C, teacher_is_logits);
+          strides_of(gs3), total, o.N, o.C, teacher_is_logits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   } else {

@@ -54,6 +54,36 @@ inline at::Tensor kl_weights(const std::optional<at::Tensor>& mask, const at::Te
   return m.reshape({B, N}).to(dtype).contiguous();
 }
 
+// The size=None masked KL's operands: both inputs as (B, C, N) views in one dtype (channels_last kept
+// without a copy), the (B, N) weights of the mask (undefined: all 1), the compute dtype.
+struct KlOperands {
+  int64_t B, C, N;  // N = 0 when B C = 0
+  Reduction reduction;
+  at::ScalarType dtype, in_dtype;
+  at::Tensor s, t, weights;
+};
+
+inline KlOperands kl_operands(const at::Tensor& student, const at::Tensor& teacher,
+                              const std::optional<at::Tensor>& mask, c10::string_view reduction, const char* op) {
+  check_kl_tensor(student, "student_logits", op);
+  check_kl_tensor(teacher, "teacher", op);
+  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), op, ": `teacher` ", show(teacher.sizes()),
+                    " must have the shape of `student_logits` ", show(student.sizes()));
+  TORCH_CHECK(student.device() == teacher.device(), op, ": `teacher` is on ", teacher.device(),
+              " but `student_logits` is on ", student.device());
+  KlOperands o;
+  o.reduction = parse_reduction(reduction, op);
+  o.dtype = kl_compute_dtype(student, teacher);
+  o.B = student.size(0);
+  o.C = student.size(1);
+  o.N = o.B * o.C == 0 ? 0 : student.numel() / (o.B * o.C);
+  o.in_dtype = student.scalar_type() == teacher.scalar_type() ? student.scalar_type() : o.dtype;
+  o.s = student.to(o.in_dtype).reshape({o.B, o.C, o.N});
+  o.t = teacher.to(o.in_dtype).reshape({o.B, o.C, o.N});
+  o.weights = kl_weights(mask, student, o.dtype, op);
+  return o;
+}
+
 // The factor each pixel's gradient is scaled by, before the mask weight: a 0-dim tensor for
 // mean/sum (the mean's denominator stays on the device: no host sync), (B, N) for none.
 inline at::Tensor kl_grad_factor(const at::Tensor& grad_loss, const at::Tensor& weights, Reduction reduction,
