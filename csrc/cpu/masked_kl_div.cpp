@@ -23,14 +23,7 @@ namespace {
 
 constexpr const char* kOp = "masked_kl_div";
 
-void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
-  check_kl_tensor(student, "student_logits", kOp);
-  check_kl_tensor(teacher, "teacher", kOp);
-  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), kOp, ": `teacher` ", show(teacher.sizes()),
-                    " must have the shape of `student_logits` ", show(student.sizes()));
-  TORCH_CHECK(student.device() == teacher.device(), kOp, ": `teacher` is on ", teacher.device(),
-              " but `student_logits` is on ", student.device());
-}
+void check_inputs(const at::Tensor& student, const at::Tensor& teacher) { check_kl_pair(student, teacher, kOp); }
 
 // The blocked (pixel-vectorized) path needs float accumulation and adjacent pixels.
 bool use_blocked_path(at::ScalarType dtype, const std::vector<const at::Tensor*>& operands) {

@@ -152,14 +152,7 @@ dim3 pixel_grid(int64_t B, int64_t N) {
   return dim3(static_cast<unsigned>((N + kThreads - 1) / kThreads), static_cast<unsigned>(std::min<int64_t>(B, 65535)));
 }
 
-void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
-  check_kl_tensor(student, "student_logits", kOp);
-  check_kl_tensor(teacher, "teacher", kOp);
-  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), kOp, ": `teacher` ", show(teacher.sizes()),
-                    " must have the shape of `student_logits` ", show(student.sizes()));
-  TORCH_CHECK(student.device() == teacher.device(), kOp, ": `teacher` is on ", teacher.device(),
-              " but `student_logits` is on ", student.device());
-}
+void check_inputs(const at::Tensor& student, const at::Tensor& teacher) { check_kl_pair(student, teacher, kOp); }
 
 // ---------------------------------------------------------------------------------------------
 // size=(H, W): student (B, C, hs, ws) and teacher (B, C, ht, wt) read through the resize taps of

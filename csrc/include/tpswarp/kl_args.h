@@ -63,14 +63,19 @@ struct KlOperands {
   at::Tensor s, t, weights;
 };
 
-inline KlOperands kl_operands(const at::Tensor& student, const at::Tensor& teacher,
-                              const std::optional<at::Tensor>& mask, c10::string_view reduction, const char* op) {
+// Student logits and teacher of the size=None masked KL: floating, (B, C, *spatial), same shape and device.
+inline void check_kl_pair(const at::Tensor& student, const at::Tensor& teacher, const char* op) {
   check_kl_tensor(student, "student_logits", op);
   check_kl_tensor(teacher, "teacher", op);
   TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), op, ": `teacher` ", show(teacher.sizes()),
                     " must have the shape of `student_logits` ", show(student.sizes()));
   TORCH_CHECK(student.device() == teacher.device(), op, ": `teacher` is on ", teacher.device(),
               " but `student_logits` is on ", student.device());
+}
+
+inline KlOperands kl_operands(const at::Tensor& student, const at::Tensor& teacher,
+                              const std::optional<at::Tensor>& mask, c10::string_view reduction, const char* op) {
+  check_kl_pair(student, teacher, op);
   KlOperands o;
   o.reduction = parse_reduction(reduction, op);
   o.dtype = kl_compute_dtype(student, teacher);
