@@ -203,6 +203,15 @@ def test_masked_kl_div_backward_output_mask_and_empty():
     assert tpswarp.masked_kl_div(empty, empty, reduction="none").shape == (0, 3, 3)
 
 
+def assert_same_statistics_result(a, b):
+    """A result of the statistics path against the plain path's: the same bits under the interpreter (the
+    same functions on the same values); compiled, the two kernels may contract multiply-adds differently."""
+    if INTERPRET:
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 # The student-only gradient: the forward keeps 4 statistics per pixel (_masked_kl_div_with_stats) and
 # the backward sweeps the classes once.
 @pytest.mark.parametrize("teacher_is_logits", [False, True], ids=["probs", "logits"])
@@ -224,8 +233,9 @@ def test_masked_kl_div_statistics_from_forward(monkeypatch, teacher_is_logits, r
     assert "_masked_kl_div_with_stats" in loss.grad_fn.name()
     plain_loss, plain_grad = loss_and_grad("0")
     assert "_masked_kl_div_with_stats" not in plain_loss.grad_fn.name()
-    # the same per-pixel statistics, kept instead of recomputed: the same bits
-    assert torch.equal(loss, plain_loss) and torch.equal(grad, plain_grad)
+    # the same per-pixel statistics, kept instead of recomputed
+    assert_same_statistics_result(loss, plain_loss)
+    assert_same_statistics_result(grad, plain_grad)
     assert grad.stride() == s.stride()
     kl_compare(s, t, m, teacher_is_logits, reduction, grad_mask=(True, False))
 
@@ -257,7 +267,7 @@ def test_masked_kl_div_statistics_ops():
     g = torch.tensor(1.5, device=DEVICE)
     grad = torch.ops.tpswarp._masked_kl_div_backward_stats(g, s, t, mask, stats, True, "mean")
     expected = torch.ops.tpswarp._masked_kl_div_backward(g, s, t, mask, True, "mean", None, [True, False])[0]
-    assert torch.equal(grad, expected)
+    assert_same_statistics_result(grad, expected)
     with pytest.raises(ValueError, match=r"`stats` must be .*\(2, 4, 15\)"):
         torch.ops.tpswarp._masked_kl_div_backward_stats(g, s, t, mask, stats[:, :3], True, "mean")
     for args in [(s, t, mask, True, "mean"), (s, t.softmax(1), None, False, "none")]:
@@ -496,7 +506,8 @@ def test_warped_kl_div_statistics_from_forward(monkeypatch, teacher_is_logits, r
     assert "_warped_kl_div_with_stats" in loss.grad_fn.name()
     plain_loss, plain_grad = loss_and_grad("0")
     assert "_warped_kl_div_with_stats" not in plain_loss.grad_fn.name()
-    assert torch.equal(loss, plain_loss) and torch.equal(grad, plain_grad)  # kept instead of recomputed
+    assert_same_statistics_result(loss, plain_loss)  # the statistics kept instead of recomputed
+    assert_same_statistics_result(grad, plain_grad)
     assert grad.stride() == s.stride()
     warped_compare(s, t, src, params, teacher_is_logits, reduction, grad_mask=(True, False, False, False))
 
@@ -528,7 +539,7 @@ def test_warped_kl_div_statistics_edge_cases():
     grad = torch.ops.tpswarp._warped_kl_div_backward_stats(gl, s32, t32, src32, params32, stats, True, False, "mean")
     plain = torch.ops.tpswarp._warped_kl_div_backward(gl, s32, t32, src32, params32, True, False, "mean", None,
                                                       [True, False, False, False])[0]
-    assert torch.equal(grad, plain)
+    assert_same_statistics_result(grad, plain)
     with pytest.raises(ValueError, match=r"`stats` must be .*\(2, 5, 30\)"):
         torch.ops.tpswarp._warped_kl_div_backward_stats(gl, s32, t32, src32, params32, stats[:, :4], True, False,
                                                         "mean")
