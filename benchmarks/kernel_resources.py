@@ -8,8 +8,10 @@
 Columns: registers per thread and the resident warps per SM they allow; the per-thread stack frame
 (local memory: register spills and arrays indexed at run time, e.g. per-control-point accumulators);
 shared memory; for Triton also the ``bar.sync`` and ``shfl.sync`` instructions in the PTX (static
-counts: cross-thread reductions inside a kernel show up there). That is what a static view can show;
-speed is measured on a GPU with ``gpu_bandwidth.py``.
+counts: cross-thread reductions inside a kernel show up there); the SASS instructions of each kernel
+(``cuobjdump -sass``, every branch counted once: for instruction-bound kernels such as the ``tps_warp``
+forward a proxy of the work, not a dynamic count). That is what a static view can show; speed is
+measured on a GPU with ``gpu_bandwidth.py``.
 
     python benchmarks/kernel_resources.py [--arch 90] [--quick] [--out benchmarks/results/kernel_resources_sm90.md]
 
@@ -60,6 +62,22 @@ def res_usage(binary: str, arch: int = 0) -> List[dict]:
             for m in _RES.finditer(text)]
 
 
+_SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)", re.M)
+_SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s", re.M)
+
+
+def sass_instructions(binary: str, arch: int = 0) -> Dict[str, int]:
+    """Static SASS instruction count per function (``cuobjdump -sass``; every branch counted once, so a
+    proxy for the work of instruction-bound kernels, not a dynamic count)."""
+    cmd = [cuobjdump_path(), "-sass"]
+    if arch:
+        cmd += ["-arch", f"sm_{arch}"]
+    text = subprocess.run(cmd + [binary], check=True, capture_output=True, text=True).stdout
+    starts = [(m.start(), m.group(1)) for m in _SASS_FUNCTION.finditer(text)] + [(len(text), "")]
+    return {name: len(_SASS_INSTRUCTION.findall(text, begin, end))
+            for (begin, name), (end, _) in zip(starts, starts[1:])}
+
+
 def demangle(names: List[str]) -> List[str]:
     tool = shutil.which("c++filt")
     if not tool or not names:
@@ -105,6 +123,7 @@ def triton_launches(arch: int, quick: bool) -> List[dict]:
             with open(path, "wb") as f:
                 f.write(kernel.asm["cubin"])
             usage = res_usage(path)[0]
+            usage["instructions"] = sum(sass_instructions(path).values())
             warps = kernel.metadata.num_warps
             ptx = kernel.asm["ptx"]
             usage.update(case=item["case"], kernel=item["kernel"], warps=warps,
@@ -186,9 +205,11 @@ def cuda_kernels(arch: int) -> List[dict]:
     if spec is None or not spec.origin:
         return []
     rows = res_usage(spec.origin, arch)
+    counts = sass_instructions(spec.origin, arch)
     names = demangle([r["function"] for r in rows])
     for r, name in zip(rows, names):
         r["kernel"] = _short_kernel_name(name)
+        r["instructions"] = counts.get(r["function"], 0)
     return rows
 
 
@@ -209,8 +230,8 @@ def markdown(triton_rows: List[dict], cuda_rows: List[dict], arch: int) -> str:
     if triton_rows:
         lines += ["## Triton (launches of the ops at gpu_bandwidth.py's shapes)", "",
                   "| case | kernel | warps | registers | stack bytes | shared bytes | barriers | shuffles | "
-                  "resident warps/SM |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "resident warps/SM | SASS instructions |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         seen = set()
         for r in triton_rows:
             key = (r["case"], r["kernel"], r["registers"], r["stack"])
@@ -218,15 +239,17 @@ def markdown(triton_rows: List[dict], cuda_rows: List[dict], arch: int) -> str:
                 continue
             seen.add(key)
             lines.append(f"| {r['case']} | `{r['kernel']}` | {r['warps']} | {r['registers']} | {r['stack']} | "
-                         f"{r['shared']} | {r['barriers']} | {r['shuffles']} | {r['resident_warps']} |")
+                         f"{r['shared']} | {r['barriers']} | {r['shuffles']} | {r['resident_warps']} | "
+                         f"{r['instructions']} |")
         lines.append("")
     if cuda_rows:
         lines += ["## CUDA (the extension)", "",
-                  "| kernel | registers | stack bytes | static shared bytes | resident warps/SM (256 threads) |",
-                  "|---|---|---|---|---|"]
+                  "| kernel | registers | stack bytes | static shared bytes | resident warps/SM (256 threads) | "
+                  "SASS instructions |",
+                  "|---|---|---|---|---|---|"]
         for r in sorted(cuda_rows, key=lambda r: r["kernel"]):
             lines.append(f"| `{r['kernel']}` | {r['registers']} | {r['stack']} | {r['shared']} | "
-                         f"{occupancy_warps(r['registers'], 256, arch)} |")
+                         f"{occupancy_warps(r['registers'], 256, arch)} | {r['instructions']} |")
         lines.append("")
     return "\n".join(lines)
 

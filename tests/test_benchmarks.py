@@ -120,15 +120,15 @@ def test_kernel_resources_reads_compiled_kernels(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| ") and "`" in line]
-    triton_kernels = {r[2].strip(" `") for r in rows if len(r) == 11}
+    triton_kernels = {r[2].strip(" `") for r in rows if len(r) == 12}
     assert {"_masked_kl_fwd_kernel", "_warped_kl_bwd_kernel", "_jitter_fwd_kernel", "_tps_warp_bwd_kernel"} <= \
         triton_kernels
-    assert all(int(r[4]) > 0 for r in rows if len(r) == 11)  # registers
+    assert all(int(r[4]) > 0 and int(r[10]) > 0 for r in rows if len(r) == 12)  # registers, SASS instructions
     ext = tpswarp.backends()["extension"]
     if ext["cuda"] and "9.0" in str(ext.get("cuda_archs", "")):  # sm_90 code, which the script reads
-        cuda = {r[1].strip(" `").split("<")[0]: int(r[2]) for r in rows if len(r) == 7}
+        cuda = {r[1].strip(" `").split("<")[0]: (int(r[2]), int(r[6])) for r in rows if len(r) == 8}
         assert {"warped_kl_forward_kernel", "kl_backward_kernel", "tps_solve_kernel"} <= set(cuda)
-        assert all(v > 0 for v in cuda.values())
+        assert all(regs > 0 and instructions > 0 for regs, instructions in cuda.values())
 
 
 def test_profile_ops_runs_every_op():

@@ -481,7 +481,26 @@ def test_warped_kl_too_many_control_points_for_cuda():
         ctx.__exit__(None, None, None)
 
 
+def near_rounding_boundary(src, params, H, W, tol=1e-3):
+    """(B, 1, H, W) bool: output pixels (align_corners=False, output size = input size) whose exact
+    (float64) sample location lies within ``tol`` pixels of a nearest-rounding boundary (a half-integer)
+    or of the validity hull's edge, where float32 implementations may round either way."""
+    ys, xs = torch.meshgrid((2 * torch.arange(H, dtype=F64) + 1) / H - 1, (2 * torch.arange(W, dtype=F64) + 1) / W - 1,
+                            indexing="ij")
+    q = torch.stack([xs, ys], -1).reshape(1, -1, 2).expand(src.shape[0], -1, -1).to(src.device)
+    f = reference.tps_transform(q, src.double(), params.double())
+    px, py = ((f[..., 0] + 1) * W - 1) / 2, ((f[..., 1] + 1) * H - 1) / 2
+    near = torch.zeros_like(px, dtype=torch.bool)
+    for p, size in ((px, W), (py, H)):
+        near |= ((p - p.floor()) - 0.5).abs() < tol
+        near |= (p.abs() < tol) | ((p - (size - 1)).abs() < tol)
+    return near.reshape(-1, 1, H, W)
+
+
 def test_tps_warp_labels(backend):
+    """Nearest sampling of labels equals the float32 reference except where the exact sample location is
+    within 1e-3 pixels of a rounding boundary (the GPU kernels' TPS uses the hardware log2: about 1e-7
+    from the reference's float32 coordinates)."""
     src, _, params = tps(2, F32, scale=0.4)
     labels = (rand(2, 1, 64, 80) * 19).floor().to(torch.uint8)
     ctx = use(backend, "tps_warp")
@@ -490,7 +509,10 @@ def test_tps_warp_labels(backend):
     finally:
         ctx.__exit__(None, None, None)
     ref, ref_valid = reference.tps_warp(labels, src, params, mode="nearest", fill=255)
-    assert out.dtype == torch.uint8 and torch.equal(out, ref) and torch.equal(valid, ref_valid)
+    assert out.dtype == torch.uint8 and out.shape == ref.shape and valid.shape == ref_valid.shape
+    differ = (out != ref) | (valid != ref_valid)
+    assert differ.double().mean().item() <= 1e-3
+    assert not (differ & ~near_rounding_boundary(src, params, 64, 80)).any()
 
 
 def test_photometric_jitter_clamp(backend):

@@ -55,22 +55,51 @@ template <typename acc> GeoArgs<acc> geo_args(const WarpConfig& cfg, const at::T
           src.const_data_ptr<acc>(), params.const_data_ptr<acc>()};
 }
 
-// Forward grid: (ceil(Ho Wo / kThreads), min(B, 65535)) blocks of kThreads; the pixel index and its
-// row / column are 32-bit (the host checks Ho Wo <= INT_MAX): 64-bit division costs tens of
-// instructions per pixel on the GPU.
+// Forward: blocks of kTileW x kTileH threads; a thread computes kRowsPerThread pixels of one output
+// column, kTileH rows apart, with one pass over the control points (tps_eval_fast_points). Grid
+// (ceil(Wo / kTileW), min(ceil(Ho / kBlockRows), 65535), min(B, 65535)), the last two striding.
+// Rows and columns are 32-bit (the host checks Ho Wo <= INT_MAX); a 1-D grid's p / Wo cost ~25
+// instructions per pixel. body(b, i, j, f) handles pixel (i, j) of item b with TPS value f.
+constexpr int kTileW = 32, kTileH = 8, kRowsPerThread = 2, kBlockRows = kTileH * kRowsPerThread;
+
+template <typename acc, typename Body>
+__device__ __forceinline__ void for_each_forward_pixel(const GeoArgs<acc>& g, Body&& body) {
+  const int Ho = static_cast<int>(g.Ho), n = static_cast<int>(g.n);
+  const int j = blockIdx.x * kTileW + threadIdx.x;
+  if (j >= g.Wo) return;
+  acc qx[kRowsPerThread], qy[kRowsPerThread];
+  const acc qxj = pixel_to_normalized<acc>(j, g.Wo, g.align_corners);
+  for (int64_t b = blockIdx.z; b < g.B; b += gridDim.z) {
+    const acc* src = g.src + b * 2 * g.n;
+    const acc* params = g.params + b * 2 * (g.n + 3);
+    for (int64_t i0 = blockIdx.y * kBlockRows + threadIdx.y; i0 < Ho; i0 += int64_t(gridDim.y) * kBlockRows) {
+#pragma unroll
+      for (int k = 0; k < kRowsPerThread; ++k) {
+        qx[k] = qxj;  // rows past the end repeat the last one, and are skipped below
+        qy[k] = pixel_to_normalized<acc>(min_<int64_t>(i0 + k * kTileH, Ho - 1), g.Ho, g.align_corners);
+      }
+      Vec2<acc> f[kRowsPerThread];
+      tps_eval_fast_points<kRowsPerThread>(qx, qy, src, params, n, f);
+#pragma unroll
+      for (int k = 0; k < kRowsPerThread; ++k) {
+        if (i0 + k * kTileH < Ho) body(b, static_cast<int>(i0 + k * kTileH), j, f[k]);
+      }
+    }
+  }
+}
+
+dim3 forward_grid(const WarpConfig& cfg) {
+  return dim3(static_cast<unsigned>((cfg.Wo + kTileW - 1) / kTileW),
+              static_cast<unsigned>(std::min<int64_t>((cfg.Ho + kBlockRows - 1) / kBlockRows, 65535)),
+              static_cast<unsigned>(std::min<int64_t>(cfg.B, 65535)));
+}
+
 template <typename scalar_t, typename acc>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kTileW * kTileH)
     forward_bilinear_kernel(GeoArgs<acc> g, const scalar_t* __restrict__ image, Strides4 is, scalar_t* __restrict__ out,
                             Strides4 os, bool* __restrict__ valid, acc fill) {
-  const int npix = static_cast<int>(g.Ho * g.Wo), Wo = static_cast<int>(g.Wo);
-  const int p = blockIdx.x * kThreads + threadIdx.x;
-  if (p >= npix) return;
-  const int i = p / Wo, j = p - i * Wo;
-  const acc qx = pixel_to_normalized<acc>(j, g.Wo, g.align_corners);
-  const acc qy = pixel_to_normalized<acc>(i, g.Ho, g.align_corners);
-  for (int64_t b = blockIdx.y; b < g.B; b += gridDim.y) {
-    const auto f = tps_eval<acc>(qx, qy, g.src + b * 2 * g.n, g.params + b * 2 * (g.n + 3), g.n);
-    valid[b * npix + p] = in_pixel_hull(f.x, f.y, g.H, g.W, g.align_corners);
+  for_each_forward_pixel(g, [&](int64_t b, int i, int j, Vec2<acc> f) {
+    valid[(b * g.Ho + i) * g.Wo + j] = in_pixel_hull(f.x, f.y, g.H, g.W, g.align_corners);
     const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners);
     const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners);
     const auto tap = bilinear_tap(px, py, g.H, g.W);
@@ -79,30 +108,23 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t c = 0; c < g.C; ++c) {
       o[c * os.c] = static_cast<scalar_t>(bilinear_sample(img + c * is.c, is.h, is.w, tap, fill));
     }
-  }
+  });
 }
 
 // Nearest sampling copies elements: raw_t is an unsigned type of the image's element size. Grid as above.
 template <typename raw_t, typename acc>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kTileW * kTileH)
     forward_nearest_kernel(GeoArgs<acc> g, const raw_t* __restrict__ image, Strides4 is, raw_t* __restrict__ out,
                            Strides4 os, bool* __restrict__ valid, raw_t fill) {
-  const int npix = static_cast<int>(g.Ho * g.Wo), Wo = static_cast<int>(g.Wo);
-  const int p = blockIdx.x * kThreads + threadIdx.x;
-  if (p >= npix) return;
-  const int i = p / Wo, j = p - i * Wo;
-  const acc qx = pixel_to_normalized<acc>(j, g.Wo, g.align_corners);
-  const acc qy = pixel_to_normalized<acc>(i, g.Ho, g.align_corners);
-  for (int64_t b = blockIdx.y; b < g.B; b += gridDim.y) {
-    const auto f = tps_eval<acc>(qx, qy, g.src + b * 2 * g.n, g.params + b * 2 * (g.n + 3), g.n);
-    valid[b * npix + p] = in_pixel_hull(f.x, f.y, g.H, g.W, g.align_corners);
+  for_each_forward_pixel(g, [&](int64_t b, int i, int j, Vec2<acc> f) {
+    valid[(b * g.Ho + i) * g.Wo + j] = in_pixel_hull(f.x, f.y, g.H, g.W, g.align_corners);
     const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners);
     const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners);
     const NearestTap tap = nearest_tap(px, py, g.H, g.W);
     const raw_t* img = image + b * is.b + tap.y * is.h + tap.x * is.w;
     raw_t* o = out + b * os.b + i * os.h + j * os.w;
     for (int64_t c = 0; c < g.C; ++c) o[c * os.c] = tap.inside ? img[c * is.c] : fill;
-  }
+  });
 }
 
 // The image gradient under torch.use_deterministic_algorithms(True): instead of the atomics of
@@ -122,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
       const int i = p / Wo, j = p - i * Wo;
       const acc qx = pixel_to_normalized<acc>(j, g.Wo, g.align_corners);
       const acc qy = pixel_to_normalized<acc>(i, g.Ho, g.align_corners);
-      const auto f = tps_eval<acc>(qx, qy, g.src + b * 2 * n, g.params + b * 2 * (n + 3), n);
+      const auto f = tps_eval_fast<acc>(qx, qy, g.src + b * 2 * n, g.params + b * 2 * (n + 3), static_cast<int>(n));
       const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners);
       const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners);
       const scalar_t* go = grad_out + b * gs.b + i * gs.h + j * gs.w;
@@ -185,7 +207,7 @@ __device__ __forceinline__ Vec2<acc> pixel_backward(const GeoArgs<acc>& g, Inter
                                                     acc* grad_image, const Strides4& gis, bool want_coord, acc fill,
                                                     int64_t b, int64_t i, int64_t j, acc qx, acc qy) {
   const int64_t n = g.n;
-  const auto f = tps_eval<acc>(qx, qy, g.src + b * 2 * n, g.params + b * 2 * (n + 3), n);
+  const auto f = tps_eval_fast<acc>(qx, qy, g.src + b * 2 * n, g.params + b * 2 * (n + 3), static_cast<int>(n));
   const scalar_t* go = grad_out + b * gs.b + i * gs.h + j * gs.w;
   if (mode == Interp::Nearest) {
     if (grad_image) {
@@ -279,7 +301,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int64_t c = 0; c < n; ++c) {
       Vec2<acc> unused{acc(0), acc(0)};
-      const auto r = tps_radial_backward<acc>(qx, qy, src[2 * c], src[2 * c + 1], params[2 * c], params[2 * c + 1],
+      const auto r = tps_radial_backward_fast<acc>(qx, qy, src[2 * c], src[2 * c + 1], params[2 * c], params[2 * c + 1],
                                               gf, unused);
       acc v[4] = {r.w_x, r.w_y, r.src_x, r.src_y};
       block_sum(v, shared);
@@ -314,8 +336,7 @@ std::tuple<at::Tensor, at::Tensor> tps_warp_cuda(const at::Tensor& image, const 
   TORCH_CHECK_VALUE(cfg.Ho * cfg.Wo <= std::numeric_limits<int>::max(), kOp, ": output too large (", show(cfg.Ho),
                     " x ", show(cfg.Wo), " pixels per image; the CUDA kernels index pixels in 32 bits)");
   const uint64_t fill_raw = cfg.mode == Interp::Nearest ? warp_fill_bits(fill, image.scalar_type()) : 0;
-  const dim3 grid(static_cast<unsigned>((cfg.Ho * cfg.Wo + kThreads - 1) / kThreads),
-                  static_cast<unsigned>(std::min<int64_t>(cfg.B, 65535)));
+  const dim3 grid = forward_grid(cfg), block(kTileW, kTileH);
   const auto s = src.to(ct).contiguous();
   const auto p = params.to(ct).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -325,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor> tps_warp_cuda(const at::Tensor& image, const 
     const auto g = geo_args<acc>(cfg, s, p);
     if (cfg.mode == Interp::Bilinear) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "tps_warp_cuda", [&] {
-        forward_bilinear_kernel<scalar_t, acc><<<grid, kThreads, 0, stream>>>(
+        forward_bilinear_kernel<scalar_t, acc><<<grid, block, 0, stream>>>(
             g, image.const_data_ptr<scalar_t>(), is, out.mutable_data_ptr<scalar_t>(), os,
             valid.mutable_data_ptr<bool>(), static_cast<acc>(fill));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -335,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> tps_warp_cuda(const at::Tensor& image, const 
         using raw_t = decltype(raw_zero);
         raw_t fill_value;
         std::memcpy(&fill_value, &fill_raw, sizeof(raw_t));
-        forward_nearest_kernel<raw_t, acc><<<grid, kThreads, 0, stream>>>(
+        forward_nearest_kernel<raw_t, acc><<<grid, block, 0, stream>>>(
             g, static_cast<const raw_t*>(image.const_data_ptr()), is, static_cast<raw_t*>(out.mutable_data_ptr()), os,
             valid.mutable_data_ptr<bool>(), fill_value);
         C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -12,6 +12,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -150,11 +151,23 @@ def in_hull(px, py, W, H, hull_ptr):
     return (px >= -tx) & (px <= (W - 1.0) + tx) & (py >= -ty) & (py <= (H - 1.0) + ty)
 
 
+# The GPU form of tps.h (tps_eval_fast): phi = (ln 2 / 2) r2 log2(r2), log2 the hardware approximation
+# (lg2.approx, libdevice.fast_log2f) for float32 on the GPU; the interpreter has no such function and
+# computes log2 accurately (the tests there check the formula, the GPU tests the approximation).
+_HARDWARE_LOG2 = tl.constexpr(not INTERPRET)
+HALF_LN2 = tl.constexpr(0.34657359027997264)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
 @triton.jit
-def tps_phi(r2):
-    """phi(r) = r^2 log r written in r2 = r^2: 0.5 r2 log r2, 0 at r2 = 0."""
-    positive = r2 > 0
-    return tl.where(positive, 0.5 * r2 * tl.log(tl.where(positive, r2, 1.0)), 0.0)
+def tps_log2_r2(r2):
+    """log2(r2) with r2 clamped to the smallest normal float32: finite at r2 = 0, where r2 log2(r2) = 0."""
+    x = tl.maximum(r2, 1.1754943508222875e-38)
+    if _HARDWARE_LOG2 and r2.dtype == tl.float32:
+        lg = libdevice.fast_log2f(x)
+    else:
+        lg = tl.log2(x)
+    return lg
 
 
 @triton.jit
@@ -173,11 +186,12 @@ def tps_eval(qx, qy, src_ptr, par_ptr, n):
         cy = tl.load(src_ptr + 2 * i + 1)
         dx = qx - cx
         dy = qy - cy
-        phi = tps_phi(dx * dx + dy * dy)
-        rx += phi * tl.load(par_ptr + 2 * i)
-        ry += phi * tl.load(par_ptr + 2 * i + 1)
-    fx = rx + (a0x + qx * a1x + qy * a2x)
-    fy = ry + (a0y + qx * a1y + qy * a2y)
+        r2 = dx * dx + dy * dy
+        t = r2 * tps_log2_r2(r2)
+        rx += t * tl.load(par_ptr + 2 * i)
+        ry += t * tl.load(par_ptr + 2 * i + 1)
+    fx = (a0x + qx * a1x + qy * a2x) + HALF_LN2 * rx
+    fy = (a0y + qx * a1y + qy * a2y) + HALF_LN2 * ry
     return fx, fy
 
 
@@ -202,17 +216,16 @@ def tps_backward_partials(gx, gy, qx, qy, src_ptr, par_ptr, n, out_ptr, WANT_PAR
         dx = qx - cx
         dy = qy - cy
         r2 = dx * dx + dy * dy
-        positive = r2 > 0
-        log_r2 = tl.log(tl.where(positive, r2, 1.0))
+        lg = tps_log2_r2(r2)
         if WANT_PARAMS:
-            phi = tl.where(positive, 0.5 * r2 * log_r2, 0.0)
+            phi = HALF_LN2 * (r2 * lg)
             tl.store(out_ptr + 2 * i, tl.sum(gx * phi, axis=0))
             tl.store(out_ptr + 2 * i + 1, tl.sum(gy * phi, axis=0))
         if WANT_SRC:
             wx = tl.load(par_ptr + 2 * i)
             wy = tl.load(par_ptr + 2 * i + 1)
-            # <g, W_i> * dphi/dr2 * 2, dphi/dr2 = (log r2 + 1) / 2 (0 at r2 = 0)
-            k = tl.where(positive, (gx * wx + gy * wy) * (log_r2 + 1.0), 0.0)
+            # <g, W_i> * dphi/dr2 * 2 = <g, W_i> (ln r2 + 1); finite at r2 = 0, where it multiplies dx = dy = 0
+            k = (gx * wx + gy * wy) * (LN2 * lg + 1.0)
             tl.store(out_ptr + 2 * (n + 3) + 2 * i, -tl.sum(k * dx, axis=0))
             tl.store(out_ptr + 2 * (n + 3) + 2 * i + 1, -tl.sum(k * dy, axis=0))
 

@@ -30,7 +30,7 @@ TPSWARP_HOST_DEVICE TPSWARP_INLINE PixelWarp<acc> warp_pixel(const WarpedKlGeome
   PixelWarp<acc> w;
   w.qx = pixel_to_normalized<acc>(j, g.W, g.align_corners);
   w.qy = pixel_to_normalized<acc>(i, g.H, g.align_corners);
-  const auto f = tps_eval<acc>(w.qx, w.qy, src_b, params_b, g.n);
+  const auto f = tps_eval_fast<acc>(w.qx, w.qy, src_b, params_b, static_cast<int>(g.n));  // the GPU form
   w.px = normalized_to_pixel(f.x, g.Wt, g.align_corners);
   w.py = normalized_to_pixel(f.y, g.Ht, g.align_corners);
   w.valid = in_pixel_hull<acc>(f.x, f.y, g.Ht, g.Wt, g.align_corners);
