@@ -17,18 +17,26 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 @contextlib.contextmanager
-def kl_statistics_off() -> Iterator[None]:
-    """The KL ops' plain forward/backward pair inside (``TPSWARP_KL_STATS=0``: no statistics kept by the
-    forward for the backward), for A/B rows in one build."""
-    previous = os.environ.get("TPSWARP_KL_STATS")
-    os.environ["TPSWARP_KL_STATS"] = "0"
+def environment(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` inside (A/B switches the extension reads at each launch, e.g.
+    ``TPSWARP_CUDA_WARP_ROWS``), restored after."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            del os.environ["TPSWARP_KL_STATS"]
+            del os.environ[name]
         else:
-            os.environ["TPSWARP_KL_STATS"] = previous
+            os.environ[name] = previous
+
+
+@contextlib.contextmanager
+def kl_statistics_off() -> Iterator[None]:
+    """The KL ops' plain forward/backward pair inside (``TPSWARP_KL_STATS=0``: no statistics kept by the
+    forward for the backward), for A/B rows in one build."""
+    with environment("TPSWARP_KL_STATS", "0"):
+        yield
 
 
 def git_commit() -> str:

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tpswarp  # noqa: E402
-from _common import kl_statistics_off  # noqa: E402
+from _common import environment, kl_statistics_off  # noqa: E402
 from tpswarp.testing import random_tps  # noqa: E402
 
 
@@ -158,7 +158,14 @@ def bench_streaming(device, dtype, quick, repeats, copy_gbs, rows, only=None):
         go = torch.randn_like(out)
         fwd = lambda: tpswarp.tps_warp(image, src_i, params_i)  # noqa: E731
         bwd = lambda: torch.autograd.grad(out, (xx, pp), go, retain_graph=True)  # noqa: E731
-        return [("forward", fwd, nbytes(image, out, valid)), ("backward", bwd, nbytes(go, image, image))]
+        rows = [("forward", fwd, nbytes(image, out, valid)), ("backward", bwd, nbytes(go, image, image))]
+        if backend == "cpp" and device.type == "cuda":  # the CUDA forward's A/B switch, in the same build
+
+            def fwd_one_row():
+                with environment("TPSWARP_CUDA_WARP_ROWS", "1"):
+                    return tpswarp.tps_warp(image, src_i, params_i)
+            rows.append(("forward, one pixel per thread", fwd_one_row, nbytes(image, out, valid)))
+        return rows
     cases["tps_warp"] = warp
 
     for op, make in cases.items():

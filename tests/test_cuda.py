@@ -481,6 +481,22 @@ def test_warped_kl_too_many_control_points_for_cuda():
         ctx.__exit__(None, None, None)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("rows", ["1", "2"])
+def test_tps_warp_forward_rows_per_thread(monkeypatch, rows, dtype):
+    """The CUDA bilinear forward with one or two output pixels per thread (TPSWARP_CUDA_WARP_ROWS, an A/B
+    switch; 2 by default), at a size that is no multiple of the 32 x 8 block (or of 16 rows)."""
+    monkeypatch.setenv("TPSWARP_CUDA_WARP_ROWS", rows)
+    src, _, params = tps(3, dtype, scale=0.4, seed=4)
+    image = smooth(3, 2, 45, 77, dtype=dtype, seed=5)
+    fn, ref = (lambda x, s, p: tpswarp.tps_warp(x, s, p)), (lambda x, s, p: reference.tps_warp(x, s, p))
+    if dtype == F64:
+        compare("cpp", "tps_warp", fn, ref, (image, src, params), (True, True, True))
+    else:
+        compare_float32_to_float64("cpp", "tps_warp", fn, (image, src, params), (True, True, True),
+                                   rtols=(2e-5, None, 2e-4, 2e-2, 2e-2))
+
+
 def near_rounding_boundary(src, params, H, W, tol=1e-3):
     """(B, 1, H, W) bool: output pixels (align_corners=False, output size = input size) whose exact
     (float64) sample location lies within ``tol`` pixels of a nearest-rounding boundary (a half-integer)

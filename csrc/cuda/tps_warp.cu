@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -55,50 +56,58 @@ template <typename acc> GeoArgs<acc> geo_args(const WarpConfig& cfg, const at::T
           src.const_data_ptr<acc>(), params.const_data_ptr<acc>()};
 }
 
-// Forward: blocks of kTileW x kTileH threads; a thread computes kRowsPerThread pixels of one output
-// column, kTileH rows apart, with one pass over the control points (tps_eval_fast_points). Grid
-// (ceil(Wo / kTileW), min(ceil(Ho / kBlockRows), 65535), min(B, 65535)), the last two striding.
-// Rows and columns are 32-bit (the host checks Ho Wo <= INT_MAX); a 1-D grid's p / Wo cost ~25
-// instructions per pixel. body(b, i, j, f) handles pixel (i, j) of item b with TPS value f.
-constexpr int kTileW = 32, kTileH = 8, kRowsPerThread = 2, kBlockRows = kTileH * kRowsPerThread;
+// Forward: blocks of kTileW x kTileH threads; a thread computes ROWS pixels of one output column,
+// kTileH rows apart, with one pass over the control points (tps_eval_fast_points: each point loaded
+// once for them all). Grid (ceil(Wo / kTileW), min(ceil(Ho / (kTileH ROWS)), 65535), min(B, 65535)),
+// the last two striding. Rows and columns are 32-bit (the host checks Ho Wo <= INT_MAX); a 1-D grid's
+// p / Wo cost ~25 instructions per pixel. body(b, i, j, f) handles pixel (i, j) of item b, TPS value f.
+// ROWS is 2 (the bilinear kernel: 1 with TPSWARP_CUDA_WARP_ROWS=1, an A/B switch for benchmarks).
+constexpr int kTileW = 32, kTileH = 8;
 
-template <typename acc, typename Body>
+inline int forward_rows() {
+  const char* v = std::getenv("TPSWARP_CUDA_WARP_ROWS");  // read at each launch
+  return v != nullptr && v[0] == '1' && v[1] == '\0' ? 1 : 2;
+}
+
+template <int ROWS, typename acc, typename Body>
 __device__ __forceinline__ void for_each_forward_pixel(const GeoArgs<acc>& g, Body&& body) {
+  constexpr int kBlockRows = kTileH * ROWS;
   const int Ho = static_cast<int>(g.Ho), n = static_cast<int>(g.n);
   const int j = blockIdx.x * kTileW + threadIdx.x;
   if (j >= g.Wo) return;
-  acc qx[kRowsPerThread], qy[kRowsPerThread];
+  acc qx[ROWS], qy[ROWS];
   const acc qxj = pixel_to_normalized<acc>(j, g.Wo, g.align_corners);
   for (int64_t b = blockIdx.z; b < g.B; b += gridDim.z) {
     const acc* src = g.src + b * 2 * g.n;
     const acc* params = g.params + b * 2 * (g.n + 3);
     for (int64_t i0 = blockIdx.y * kBlockRows + threadIdx.y; i0 < Ho; i0 += int64_t(gridDim.y) * kBlockRows) {
 #pragma unroll
-      for (int k = 0; k < kRowsPerThread; ++k) {
+      for (int k = 0; k < ROWS; ++k) {
         qx[k] = qxj;  // rows past the end repeat the last one, and are skipped below
         qy[k] = pixel_to_normalized<acc>(min_<int64_t>(i0 + k * kTileH, Ho - 1), g.Ho, g.align_corners);
       }
-      Vec2<acc> f[kRowsPerThread];
-      tps_eval_fast_points<kRowsPerThread>(qx, qy, src, params, n, f);
+      Vec2<acc> f[ROWS];
+      tps_eval_fast_points<ROWS>(qx, qy, src, params, n, f);
 #pragma unroll
-      for (int k = 0; k < kRowsPerThread; ++k) {
+      for (int k = 0; k < ROWS; ++k) {
         if (i0 + k * kTileH < Ho) body(b, static_cast<int>(i0 + k * kTileH), j, f[k]);
       }
     }
   }
 }
 
-dim3 forward_grid(const WarpConfig& cfg) {
+dim3 forward_grid(const WarpConfig& cfg, int rows) {
+  const int64_t block_rows = kTileH * rows;
   return dim3(static_cast<unsigned>((cfg.Wo + kTileW - 1) / kTileW),
-              static_cast<unsigned>(std::min<int64_t>((cfg.Ho + kBlockRows - 1) / kBlockRows, 65535)),
+              static_cast<unsigned>(std::min<int64_t>((cfg.Ho + block_rows - 1) / block_rows, 65535)),
               static_cast<unsigned>(std::min<int64_t>(cfg.B, 65535)));
 }
 
-template <typename scalar_t, typename acc>
+template <typename scalar_t, typename acc, int ROWS>
 __global__ void __launch_bounds__(kTileW * kTileH)
     forward_bilinear_kernel(GeoArgs<acc> g, const scalar_t* __restrict__ image, Strides4 is, scalar_t* __restrict__ out,
                             Strides4 os, bool* __restrict__ valid, acc fill) {
-  for_each_forward_pixel(g, [&](int64_t b, int i, int j, Vec2<acc> f) {
+  for_each_forward_pixel<ROWS>(g, [&](int64_t b, int i, int j, Vec2<acc> f) {
     valid[(b * g.Ho + i) * g.Wo + j] = in_pixel_hull(f.x, f.y, g.H, g.W, g.align_corners);
     const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners);
     const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners);
@@ -116,7 +125,7 @@ template <typename raw_t, typename acc>
 __global__ void __launch_bounds__(kTileW * kTileH)
     forward_nearest_kernel(GeoArgs<acc> g, const raw_t* __restrict__ image, Strides4 is, raw_t* __restrict__ out,
                            Strides4 os, bool* __restrict__ valid, raw_t fill) {
-  for_each_forward_pixel(g, [&](int64_t b, int i, int j, Vec2<acc> f) {
+  for_each_forward_pixel<2>(g, [&](int64_t b, int i, int j, Vec2<acc> f) {
     valid[(b * g.Ho + i) * g.Wo + j] = in_pixel_hull(f.x, f.y, g.H, g.W, g.align_corners);
     const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners);
     const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners);
@@ -336,7 +345,8 @@ std::tuple<at::Tensor, at::Tensor> tps_warp_cuda(const at::Tensor& image, const 
   TORCH_CHECK_VALUE(cfg.Ho * cfg.Wo <= std::numeric_limits<int>::max(), kOp, ": output too large (", show(cfg.Ho),
                     " x ", show(cfg.Wo), " pixels per image; the CUDA kernels index pixels in 32 bits)");
   const uint64_t fill_raw = cfg.mode == Interp::Nearest ? warp_fill_bits(fill, image.scalar_type()) : 0;
-  const dim3 grid = forward_grid(cfg), block(kTileW, kTileH);
+  const int rows = cfg.mode == Interp::Bilinear ? forward_rows() : 2;
+  const dim3 grid = forward_grid(cfg, rows), block(kTileW, kTileH);
   const auto s = src.to(ct).contiguous();
   const auto p = params.to(ct).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -346,9 +356,10 @@ std::tuple<at::Tensor, at::Tensor> tps_warp_cuda(const at::Tensor& image, const 
     const auto g = geo_args<acc>(cfg, s, p);
     if (cfg.mode == Interp::Bilinear) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "tps_warp_cuda", [&] {
-        forward_bilinear_kernel<scalar_t, acc><<<grid, block, 0, stream>>>(
-            g, image.const_data_ptr<scalar_t>(), is, out.mutable_data_ptr<scalar_t>(), os,
-            valid.mutable_data_ptr<bool>(), static_cast<acc>(fill));
+        auto kernel = rows == 1 ? forward_bilinear_kernel<scalar_t, acc, 1>
+                                : forward_bilinear_kernel<scalar_t, acc, 2>;
+        kernel<<<grid, block, 0, stream>>>(g, image.const_data_ptr<scalar_t>(), is, out.mutable_data_ptr<scalar_t>(),
+                                           os, valid.mutable_data_ptr<bool>(), static_cast<acc>(fill));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     } else {
