@@ -1,6 +1,7 @@
-// CUDA kernels of tpswarp::tps_warp and its backward: one thread per output pixel, the grid
-// computed on the fly with tpswarp/tps.h and sampled with tpswarp/sampling.h (the math the CPU
-// kernels and tests use).
+// CUDA kernels of tpswarp::tps_warp and its backward: the sample grid computed on the fly (never
+// stored) with the GPU form of the TPS of tpswarp/tps.h (tps_eval_fast: hardware log2), sampled with
+// tpswarp/sampling.h (the math the CPU kernels and tests use). Forward: two output pixels per thread
+// (for_each_forward_pixel); backward: one pixel at a time, each thread striding over several.
 //
 // Backward:
 // - image gradient: scatter-add with atomicAdd into a buffer of the compute dtype. The order of
@@ -310,8 +311,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int64_t c = 0; c < n; ++c) {
       Vec2<acc> unused{acc(0), acc(0)};
-      const auto r = tps_radial_backward_fast<acc>(qx, qy, src[2 * c], src[2 * c + 1], params[2 * c], params[2 * c + 1],
-                                              gf, unused);
+      const auto r = tps_radial_backward_fast<acc>(qx, qy, src[2 * c], src[2 * c + 1], params[2 * c],
+                                                   params[2 * c + 1], gf, unused);
       acc v[4] = {r.w_x, r.w_y, r.src_x, r.src_y};
       block_sum(v, shared);
       if (threadIdx.x == 0) {

@@ -39,8 +39,8 @@ template <typename acc, int MAXN> struct TpsGradRegs {
 #pragma unroll
     for (int i = 0; i < MAXN; ++i) {
       if (i < n) {
-        const auto r =
-            tps_radial_backward_fast<acc>(qx, qy, src[2 * i], src[2 * i + 1], params[2 * i], params[2 * i + 1], g, gq);
+        const auto r = tps_radial_backward_fast<acc>(qx, qy, src[2 * i], src[2 * i + 1], params[2 * i],
+                                                     params[2 * i + 1], g, gq);
         v[2 * i] += r.src_x;
         v[2 * i + 1] += r.src_y;
         v[2 * MAXN + 2 * i] += r.w_x;
