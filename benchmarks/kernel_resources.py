@@ -9,9 +9,10 @@ Columns: registers per thread and the resident warps per SM they allow; the per-
 (local memory: register spills and arrays indexed at run time, e.g. per-control-point accumulators);
 shared memory; for Triton also the ``bar.sync`` and ``shfl.sync`` instructions in the PTX (static
 counts: cross-thread reductions inside a kernel show up there); the SASS instructions of each kernel
-(``cuobjdump -sass``, every branch counted once: for instruction-bound kernels such as the ``tps_warp``
-forward a proxy of the work, not a dynamic count). That is what a static view can show; speed is
-measured on a GPU with ``gpu_bandwidth.py``.
+(``cuobjdump -sass``: the size of the code, each instruction counted once, not what runs: a loop the
+compiler unrolls counts several times, so a kernel can grow while each iteration shrinks; compare loop
+bodies in the SASS for that). That is what a static view can show; speed is measured on a GPU with
+``gpu_bandwidth.py``.
 
     python benchmarks/kernel_resources.py [--arch 90] [--quick] [--out benchmarks/results/kernel_resources_sm90.md]
 
@@ -67,8 +68,8 @@ _SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s", re.M)
 
 
 def sass_instructions(binary: str, arch: int = 0) -> Dict[str, int]:
-    """Static SASS instruction count per function (``cuobjdump -sass``; every branch counted once, so a
-    proxy for the work of instruction-bound kernels, not a dynamic count)."""
+    """SASS instructions per function (``cuobjdump -sass``): the code's size, each instruction once (not
+    a dynamic count: unrolled loops count several times)."""
     cmd = [cuobjdump_path(), "-sass"]
     if arch:
         cmd += ["-arch", f"sm_{arch}"]
