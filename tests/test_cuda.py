@@ -481,6 +481,30 @@ def test_warped_kl_too_many_control_points_for_cuda():
         ctx.__exit__(None, None, None)
 
 
+@pytest.mark.parametrize("n", [4, 9])
+def test_tps_solve_singular_items_raise(n):
+    """check_singular on the GPU (the flag the kernel writes into pinned host memory): singular items of a
+    batch are named (both storage tiers: n <= 4 in registers, beyond in a workspace), a regular batch right
+    after passes (the flag starts at 0 on every call), and check_singular=False returns NaN rows for them."""
+    src, dst, _ = tps(6, F64, seed=7, n=n)
+    bad = src.clone()
+    bad[2, 1] = bad[2, 0]  # duplicate control points
+    bad[4] = torch.stack([torch.linspace(-0.8, 0.7, n, dtype=F64, device=DEV)] * 2, -1)  # collinear
+    ctx = use("cpp", "tps_solve")
+    try:
+        with pytest.raises(ValueError, match=r"item\(s\) \[4\] are collinear"):
+            tpswarp.tps_solve(bad, dst)
+        with pytest.raises(ValueError, match=r"item\(s\) \[2\] have duplicate"):
+            tpswarp.tps_solve(bad[:4], dst[:4])
+        params = tpswarp.tps_solve(src, dst)  # regular
+        unchecked = tpswarp.tps_solve(bad, dst, check_singular=False)
+    finally:
+        ctx.__exit__(None, None, None)
+    assert_close(params, reference.tps_solve(src, dst), dtype=F64)
+    rows_finite = torch.isfinite(unchecked).flatten(1).all(1).tolist()
+    assert rows_finite == [True, True, False, True, False, True]
+
+
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 @pytest.mark.parametrize("rows", ["1", "2"])
 def test_tps_warp_forward_rows_per_thread(monkeypatch, rows, dtype):
