@@ -112,6 +112,8 @@ def compare(backend, op, fn, ref_fn, inputs, grad_mask, dtype=None, loose=False)
                 memory_format=torch.channels_last)
         if o.is_floating_point():
             close(o, r, grad=False, dtype=dtype, loose=loose)
+        elif loose:  # float32 sample points: one on the edge of the pixel hull may round either way
+            assert (o != r).double().mean().item() <= 1e-4
         else:
             assert torch.equal(o, r)
     for g, r in zip(grads, ref_grads):
