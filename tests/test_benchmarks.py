@@ -131,6 +131,32 @@ def test_kernel_resources_reads_compiled_kernels(tmp_path):
         assert all(regs > 0 and instructions > 0 for regs, instructions in cuda.values())
 
 
+def test_cuda_tps_kernels_use_the_hardware_log2():
+    """The CUDA kernels that evaluate the TPS per pixel use lg2.approx (MUFU.LG2 in the sm_90 SASS, the
+    GPU form of tps.h), and tps_transform keeps the accurate logarithm (no MUFU.LG2): read with cuobjdump
+    from the extension, no GPU needed."""
+    ext = tpswarp.backends()["extension"]
+    if not (ext["cuda"] and "9.0" in str(ext.get("cuda_archs", ""))):
+        pytest.skip("the extension has no sm_90 CUDA code")
+    import importlib.util
+    import re
+
+    import kernel_resources
+
+    text = subprocess.run([kernel_resources.cuobjdump_path(), "-sass", "-arch", "sm_90",
+                           importlib.util.find_spec("tpswarp._C").origin], check=True, capture_output=True,
+                          text=True, timeout=600).stdout
+    uses_lg2 = {}
+    for part in re.split(r"\n\s*Function : ", text)[1:]:
+        name = part.split("\n", 1)[0]
+        for kernel in ("forward_bilinear_kernel", "forward_nearest_kernel", "warped_kl_forward_kernel",
+                       "warped_validity_kernel", "tps_transform_kernel"):
+            if kernel in name:  # every instantiation; those computing in double have no MUFU.LG2
+                uses_lg2.setdefault(kernel, []).append("MUFU.LG2" in part)
+    assert all(any(v) for k, v in uses_lg2.items() if k != "tps_transform_kernel"), uses_lg2
+    assert len(uses_lg2) == 5 and not any(uses_lg2["tps_transform_kernel"]), uses_lg2
+
+
 def test_profile_ops_runs_every_op():
     """benchmarks/profile_ops.py (what gpu_check.sh NCU=1 profiles) on the CPU with small shapes."""
     cmd = [sys.executable, os.path.join(BENCH, "profile_ops.py"), "--device", "cpu", "--quick", "--backend",

@@ -7,8 +7,9 @@ running anything. Used by tests/test_triton.py (a few variants) and standalone:
 
     python tests/triton_compile_check.py [--all] [--arch 90]
 
-Exit status 0 when everything compiled, 1 when a kernel failed to compile, 2 when the fake
-driver could not be set up with this Triton version (the caller then skips).
+Exit status 0 when everything compiled, 1 when a kernel failed to compile (or a kernel evaluating the
+TPS in float32 lacks the hardware log2, ``lg2.approx``), 2 when the fake driver could not be set up
+with this Triton version (the caller then skips).
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import itertools
 import os
 import sys
 import traceback
+
+
+TPS_KERNELS = ("_tps_warp_fwd_kernel", "_tps_warp_bwd_kernel", "_warped_kl_fwd_kernel", "_warped_kl_bwd_kernel")
 
 
 def main(argv=None) -> int:
@@ -30,9 +34,12 @@ def main(argv=None) -> int:
     import torch
 
     compiled, failures = [], []
+    hardware_log2 = {}  # TPS kernel -> whether an instance uses lg2.approx (tpswarp/triton/_utils.py)
 
     def on_compiled(name, kernel):
         (compiled if kernel.asm["cubin"] else failures).append(name)  # compiled all the way down
+        if name in TPS_KERNELS:
+            hardware_log2[name] = hardware_log2.get(name, False) or "lg2.approx" in kernel.asm["ptx"]
 
     def on_failed(name, exc):
         failures.append(name)
@@ -130,8 +137,10 @@ def main(argv=None) -> int:
                 lambda: WK.warped_kl_div_backward(torch.tensor(1.0), s, s, src, par, True, False, "mean", None, [True] * 4))
     finally:
         torch.use_deterministic_algorithms(False)
+    # the float32 TPS evaluation is the hardware log2 (tps_log2_r2), not tl.log's polynomial
+    failures += [f"{name}: no lg2.approx" for name in TPS_KERNELS if not hardware_log2.get(name, False)]
     print(f"compiled {len(compiled)} launches for sm_{args.arch}; kernels: {sorted(set(compiled))}; "
-          f"failures: {len(failures)}")
+          f"failures: {len(failures)} {failures if failures else ''}")
     return 1 if failures else 0
 
 
