@@ -664,11 +664,12 @@ void backward_pixels(const Problem& pb, const at::Tensor& s, const at::Tensor& t
         for (int64_t p = 0; p < blk.P; ++p) {
           if (scale[p] == acc(0)) continue;
           acc dpx = 0, dpy = 0;
+          const BilinearTapPointers<scalar_t, acc> taps(tp + b * ts[0], ts[2], ts[3], blk.tap[p]);  // as the GPU reads it
+          const auto k = bilinear_coord_coefs(blk.tap[p]);
           for (int64_t c = 0; c < pb.C; ++c) {
-            const auto g = bilinear_sample_coord_grad<scalar_t, acc>(tp + b * ts[0] + c * ts[1], ts[2], ts[3],
-                                                                     blk.tap[p], acc(0), gtbuf[c * kBlock + p]);
-            dpx += g.x;
-            dpy += g.y;
+            const auto d = taps.coord_at(c * ts[1], k);
+            dpx += gtbuf[c * kBlock + p] * d.x;
+            dpy += gtbuf[c * kBlock + p] * d.y;
           }
           tps_eval_backward<acc>(blk.qx[p], blk.qy[p], srcp + b * n * 2, parp + b * (n + 3) * 2, n,
                                  Vec2<acc>{dpx * sx, dpy * sy}, part, part + 2 * n);
@@ -954,11 +955,10 @@ std::tuple<at::Tensor, at::Tensor> warped_kl_div_with_stats_cpu(const at::Tensor
                                            params_acc.const_data_ptr<acc>() + b * (pb.n + 3) * 2, i, j);
             if (!w.valid) continue;  // loss, statistics and weight 0
             const scalar_t* spx = sp + b * ss[0] + i * ss[2] + j * ss[3];
-            const scalar_t* tb = tp + b * ts[0];
+            const BilinearTapPointers<scalar_t, acc> taps(tp + b * ts[0], ts[2], ts[3], w.tap);  // as the GPU reads it
             const auto st = kl_pixel_online_loaded<acc>(
                 [&](int64_t c) { return static_cast<acc>(spx[c * ss[1]]); },
-                [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts[1], ts[2], ts[3], w.tap, acc(0)); },
-                pb.C, pb.logits);
+                [&](int64_t c) { return taps.at(c * ts[1]); }, pb.C, pb.logits);
             klp[e] = st.kl;
             acc* st_b = stp + b * kWarpedKlStats * N;
             kl_stats_store(st, pb.logits, st_b + k, N);
@@ -1016,10 +1016,9 @@ at::Tensor warped_kl_div_backward_stats_cpu(const at::Tensor& grad_loss, const a
           const auto w = warp_pixel<acc>(g, src_acc.const_data_ptr<acc>() + b * pb.n * 2,
                                          params_acc.const_data_ptr<acc>() + b * (pb.n + 3) * 2, i, j);
           const scalar_t* spx = sp + b * ss[0] + i * ss[2] + j * ss[3];
-          const scalar_t* tb = tp + b * ts[0];
+          const BilinearTapPointers<scalar_t, acc> taps(tp + b * ts[0], ts[2], ts[3], w.tap);
           kl_pixel_grad_loaded<acc>(
-              [&](int64_t c) { return static_cast<acc>(spx[c * ss[1]]); },
-              [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts[1], ts[2], ts[3], w.tap, acc(0)); },
+              [&](int64_t c) { return static_cast<acc>(spx[c * ss[1]]); }, [&](int64_t c) { return taps.at(c * ts[1]); },
               pb.C, pb.logits, kl_stats_load(st_b + k, N, pb.logits), scale, true,
               [&](int64_t c, acc v) { gpx[c * gss[1]] = static_cast<scalar_t>(v); }, false, [](int64_t, acc) {});
         }

@@ -107,17 +107,20 @@ dim3 forward_grid(const WarpConfig& cfg, int rows) {
 template <typename scalar_t, typename acc, int ROWS>
 __global__ void __launch_bounds__(kTileW * kTileH)
     forward_bilinear_kernel(GeoArgs<acc> g, const scalar_t* __restrict__ image, Strides4 is, scalar_t* __restrict__ out,
-                            Strides4 os, bool* __restrict__ valid, acc fill) {
+                            Strides4 os, bool* __restrict__ valid, acc fill, bool plane32) {
   for_each_forward_pixel<ROWS>(g, [&](int64_t b, int i, int j, Vec2<acc> f) {
     valid[(b * g.Ho + i) * g.Wo + j] = in_pixel_hull(f.x, f.y, g.H, g.W, g.align_corners);
     const acc px = source_coordinate(f.x, g.W, g.padding, g.align_corners);
     const acc py = source_coordinate(f.y, g.H, g.padding, g.align_corners);
     const auto tap = bilinear_tap(px, py, g.H, g.W);
+    // fill (1 - sum_k w_k) + sum_k w_k v_k: bilinear_combine's fill + sum_k w_k (v_k - fill), up to
+    // rounding (exactly for fill = 0), with the fill term formed once per pixel.
     const scalar_t* img = image + b * is.b;
+    auto taps = plane32 ? BilinearTapPointers<scalar_t, acc>(img, static_cast<int>(is.h), static_cast<int>(is.w), tap)
+                        : BilinearTapPointers<scalar_t, acc>(img, is.h, is.w, tap);
+    const acc rest = fill * taps.rest_weight();
     scalar_t* o = out + b * os.b + i * os.h + j * os.w;
-    for (int64_t c = 0; c < g.C; ++c) {
-      o[c * os.c] = static_cast<scalar_t>(bilinear_sample(img + c * is.c, is.h, is.w, tap, fill));
-    }
+    for (int64_t c = 0; c < g.C; ++c, taps.advance(is.c), o += os.c) *o = static_cast<scalar_t>(taps.value() + rest);
   });
 }
 
@@ -360,7 +363,8 @@ std::tuple<at::Tensor, at::Tensor> tps_warp_cuda(const at::Tensor& image, const 
         auto kernel = rows == 1 ? forward_bilinear_kernel<scalar_t, acc, 1>
                                 : forward_bilinear_kernel<scalar_t, acc, 2>;
         kernel<<<grid, block, 0, stream>>>(g, image.const_data_ptr<scalar_t>(), is, out.mutable_data_ptr<scalar_t>(),
-                                           os, valid.mutable_data_ptr<bool>(), static_cast<acc>(fill));
+                                           os, valid.mutable_data_ptr<bool>(), static_cast<acc>(fill),
+                                           plane_offsets_fit_int(cfg.H, cfg.W, is.h, is.w));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     } else {

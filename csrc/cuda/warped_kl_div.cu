@@ -96,9 +96,9 @@ __global__ void warped_kl_forward_kernel(Geometry g, const scalar_t* __restrict_
       continue;
     }
     const scalar_t* sp = s + b * ss.b + i * ss.h + j * ss.w;
-    const scalar_t* tb = t + b * ts.b;
+    const BilinearTapPointers<scalar_t, acc> taps(t + b * ts.b, ts.h, ts.w, w.tap);
     auto load_s = [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); };
-    auto load_t = [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0)); };
+    auto load_t = [&](int64_t c) { return taps.at(c * ts.c); };
     KLPixel<acc> st;
     if constexpr (MAX_C == 0) {
       st = kl_pixel_online_loaded<acc>(load_s, load_t, g.C, g.logits);
@@ -136,10 +136,9 @@ __global__ void __launch_bounds__(kThreads)
     const auto w = warp_pixel<acc>(g, src + b * g.n * 2, params + b * (g.n + 3) * 2, i, j);
     const auto st = kl_stats_load(stats_b + k, N, g.logits);
     const scalar_t* sp = s + b * ss.b + i * ss.h + j * ss.w;
-    const scalar_t* tb = t + b * ts.b;
+    const BilinearTapPointers<scalar_t, acc> taps(t + b * ts.b, ts.h, ts.w, w.tap);
     kl_pixel_grad_loaded<acc>(
-        [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); },
-        [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0)); }, g.C,
+        [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); }, [&](int64_t c) { return taps.at(c * ts.c); }, g.C,
         g.logits, st, scale, true, [&](int64_t c, acc v) { gsp[c * gss.c] = static_cast<scalar_t>(v); }, false,
         [](int64_t, acc) {});
   }
@@ -194,9 +193,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     const auto w = warp_pixel<acc>(g, src_b, params_b, i, j);
     const scalar_t* sp = s + b * ss.b + i * ss.h + j * ss.w;
-    const scalar_t* tb = t + b * ts.b;
+    const BilinearTapPointers<scalar_t, acc> taps(t + b * ts.b, ts.h, ts.w, w.tap);
     auto load_s = [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); };
-    auto load_t = [&](int64_t c) { return bilinear_sample<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0)); };
+    auto load_t = [&](int64_t c) { return taps.at(c * ts.c); };
     acc dpx = 0, dpy = 0;
     acc* gt_b = gt ? gt + b * g.C * g.Ht * g.Wt : nullptr;
     auto store_s = [&](int64_t c, acc v) { gsp[c * gss.c] = static_cast<scalar_t>(v); };
@@ -206,9 +205,9 @@ __global__ void __launch_bounds__(kThreads)
         bilinear_scatter(w.tap, g.Wt, 1, v, [&](int64_t off, acc x) { atomicAdd(plane + off, x); });
       }
       if constexpr (kCoords) {
-        const auto d = bilinear_sample_coord_grad<scalar_t, acc>(tb + c * ts.c, ts.h, ts.w, w.tap, acc(0), v);
-        dpx += d.x;
-        dpy += d.y;
+        const auto d = taps.coord_at(c * ts.c, bilinear_coord_coefs(w.tap));
+        dpx += v * d.x;
+        dpy += v * d.y;
       }
     };
     const bool want_t = gt_b != nullptr || kCoords;

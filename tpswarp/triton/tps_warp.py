@@ -137,13 +137,16 @@ def _tps_warp_fwd_kernel(
         w10 = tl.where(m10, wx1 * wy0, 0.0)
         w01 = tl.where(m01, wx0 * wy1, 0.0)
         w11 = tl.where(m11, wx1 * wy1, 0.0)
+        # fill (1 - sum_k w_k) + sum_k w_k v_k: the reference's fill + sum_k w_k (v_k - fill) up to
+        # rounding (exactly for fill = 0), with the fill term formed once per pixel
+        rest = fill * (1.0 - ((w00 + w10) + (w01 + w11)))
         for c in range(C):
             cb = ib + c * is_c + o00
-            v00 = tl.load(cb, mask=m00, other=0.0).to(ACC) - fill
-            v10 = tl.load(cb + is_w, mask=m10, other=0.0).to(ACC) - fill
-            v01 = tl.load(cb + is_h, mask=m01, other=0.0).to(ACC) - fill
-            v11 = tl.load(cb + is_h + is_w, mask=m11, other=0.0).to(ACC) - fill
-            acc = w00 * v00 + w10 * v10 + w01 * v01 + w11 * v11 + fill
+            v00 = tl.load(cb, mask=m00, other=0.0).to(ACC)
+            v10 = tl.load(cb + is_w, mask=m10, other=0.0).to(ACC)
+            v01 = tl.load(cb + is_h, mask=m01, other=0.0).to(ACC)
+            v11 = tl.load(cb + is_h + is_w, mask=m11, other=0.0).to(ACC)
+            acc = w00 * v00 + w10 * v10 + w01 * v01 + w11 * v11 + rest
             tl.store(out_ptr + o_off + c * os_c, cast_to(acc, ty), mask=pm)
 
 

@@ -113,6 +113,28 @@ TPSWARP_HOST_DEVICE TPSWARP_INLINE BilinearTap<acc> bilinear_tap(acc px, acc py,
   // fraction, so clamping to [-2, size + 1] changes nothing; it keeps the int conversion defined
   // (NaN goes to -2: all taps outside, as in the reference).
   const acc cx = clamp_(px, acc(-2), acc(w + 1)), cy = clamp_(py, acc(-2), acc(h + 1));
+#ifdef __CUDA_ARCH__
+  // The same values in fewer instructions on the GPU: floor is one instruction there, and a weight is
+  // selected to 0 rather than multiplied by its 0/1 mask (all factors are finite and >= 0).
+  const acc fx = floor_(cx), fy = floor_(cy);
+  const int x0 = static_cast<int>(fx), y0 = static_cast<int>(fy);
+  const int x1 = x0 + 1, y1 = y0 + 1;
+  t.wx1 = cx - fx;
+  t.wy1 = cy - fy;
+  const acc wx0 = acc(1) - t.wx1, wy0 = acc(1) - t.wy1;
+  const int ix0 = unsigned(x0) < unsigned(w), ix1 = unsigned(x1) < unsigned(w);
+  const int iy0 = unsigned(y0) < unsigned(h), iy1 = unsigned(y1) < unsigned(h);
+  t.in00 = ix0 & iy0;
+  t.in10 = ix1 & iy0;
+  t.in01 = ix0 & iy1;
+  t.in11 = ix1 & iy1;
+  const acc mx0 = ix0 ? wx0 : acc(0), mx1 = ix1 ? t.wx1 : acc(0);
+  const acc my0 = iy0 ? wy0 : acc(0), my1 = iy1 ? t.wy1 : acc(0);
+  t.w00 = mx0 * my0;
+  t.w10 = mx1 * my0;
+  t.w01 = mx0 * my1;
+  t.w11 = mx1 * my1;
+#else
   const int x0 = floor_to_int(cx), y0 = floor_to_int(cy);
   const int x1 = x0 + 1, y1 = y0 + 1;
   t.wx1 = cx - static_cast<acc>(x0);
@@ -131,6 +153,7 @@ TPSWARP_HOST_DEVICE TPSWARP_INLINE BilinearTap<acc> bilinear_tap(acc px, acc py,
   t.w10 = t.wx1 * wy0 * static_cast<acc>(in10);
   t.w01 = wx0 * t.wy1 * static_cast<acc>(in01);
   t.w11 = t.wx1 * t.wy1 * static_cast<acc>(in11);
+#endif
   t.x0 = clamp_(x0, 0, w - 1);
   t.x1 = clamp_(x1, 0, w - 1);
   t.y0 = clamp_(y0, 0, h - 1);
@@ -201,6 +224,55 @@ TPSWARP_HOST_DEVICE TPSWARP_INLINE Vec2<acc> bilinear_sample_coord_grad(const sc
   const auto d = bilinear_coord_combine(plane, t.y0 * sh + t.x0 * sw, t.y0 * sh + t.x1 * sw, t.y1 * sh + t.x0 * sw,
                                         t.y1 * sh + t.x1 * sw, bilinear_coord_coefs(t), fill);
   return {g * d.x, g * d.y};
+}
+
+// A bilinear tap as four pointers into channel 0 of an image (strides sh, sw), formed once per pixel:
+// the tap offsets are not recomputed per channel. Read channel c with at(c * stride_c), or walk the
+// channels with value() and advance(stride_c) (on the GPU: 2 instructions per tap and channel, against
+// 4 for at() and for bilinear_sample). The value is sum_k w_k v_k, which equals bilinear_combine with
+// fill 0 (except that it keeps the sign of a -0 sum); a caller with a fill adds fill (1 - sum_k w_k)
+// itself (rest_weight).
+template <typename scalar_t, typename acc> struct BilinearTapPointers {
+  const scalar_t *p00, *p10, *p01, *p11;
+  acc w00, w10, w01, w11;
+
+  TPSWARP_HOST_DEVICE TPSWARP_INLINE BilinearTapPointers(const scalar_t* image, int64_t sh, int64_t sw,
+                                                         const BilinearTap<acc>& t)
+      : p00(image + (t.y0 * sh + t.x0 * sw)), p10(image + (t.y0 * sh + t.x1 * sw)),
+        p01(image + (t.y1 * sh + t.x0 * sw)), p11(image + (t.y1 * sh + t.x1 * sw)),
+        w00(t.w00), w10(t.w10), w01(t.w01), w11(t.w11) {}
+  // The same with 32-bit offset arithmetic, for a plane whose offsets fit: the caller checks
+  // (H - 1) sh + (W - 1) sw <= INT_MAX (plane_offsets_fit_int). On the GPU, 4 x fewer instructions.
+  TPSWARP_HOST_DEVICE TPSWARP_INLINE BilinearTapPointers(const scalar_t* image, int sh, int sw, const BilinearTap<acc>& t)
+      : p00(image + (t.y0 * sh + t.x0 * sw)), p10(image + (t.y0 * sh + t.x1 * sw)),
+        p01(image + (t.y1 * sh + t.x0 * sw)), p11(image + (t.y1 * sh + t.x1 * sw)),
+        w00(t.w00), w10(t.w10), w01(t.w01), w11(t.w11) {}
+
+  TPSWARP_HOST_DEVICE TPSWARP_INLINE acc at(int64_t off) const {
+    return w00 * static_cast<acc>(p00[off]) + w10 * static_cast<acc>(p10[off]) + w01 * static_cast<acc>(p01[off]) +
+           w11 * static_cast<acc>(p11[off]);
+  }
+  TPSWARP_HOST_DEVICE TPSWARP_INLINE acc value() const { return at(0); }
+  TPSWARP_HOST_DEVICE TPSWARP_INLINE void advance(int64_t stride) {
+    p00 += stride;
+    p10 += stride;
+    p01 += stride;
+    p11 += stride;
+  }
+  // (d/dpx, d/dpy) of at(off), from bilinear_coord_coefs of the tap (bilinear_coord_combine, fill 0).
+  TPSWARP_HOST_DEVICE TPSWARP_INLINE Vec2<acc> coord_at(int64_t off, const BilinearCoordCoefs<acc>& k) const {
+    const acc v00 = static_cast<acc>(p00[off]), v10 = static_cast<acc>(p10[off]);
+    const acc v01 = static_cast<acc>(p01[off]), v11 = static_cast<acc>(p11[off]);
+    return {k.x00 * v00 + k.x10 * v10 + k.x01 * v01 + k.x11 * v11, k.y00 * v00 + k.y10 * v10 + k.y01 * v01 + k.y11 * v11};
+  }
+  // 1 - sum_k w_k: the weight of `fill` (0 where all four taps are inside the image, up to rounding).
+  TPSWARP_HOST_DEVICE TPSWARP_INLINE acc rest_weight() const { return acc(1) - ((w00 + w10) + (w01 + w11)); }
+};
+
+// Whether every element offset y sh + x sw of a height x width plane fits in an int (strides >= 0).
+inline bool plane_offsets_fit_int(int64_t height, int64_t width, int64_t sh, int64_t sw) {
+  const int64_t kMax = 2147483647;
+  return sh <= kMax && sw <= kMax && (height - 1) * sh + (width - 1) * sw <= kMax;
 }
 
 // Image-gradient scatter of one channel: calls add(offset, g * w) for each tap inside the image,
