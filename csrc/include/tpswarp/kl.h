@@ -58,11 +58,11 @@ TPSWARP_HOST_DEVICE inline KLPixel<acc> kl_pixel_loaded(const LoadS& load_s, con
   acc zs = 0, zt = 0, cross = 0, p_log_p = 0, p_sum = 0;
   for (int64_t c = 0; c < C; ++c) {
     const acc sc = load_s(c) - s_max;
-    zs += exp_(sc);
+    zs += exp_gpu(sc);
     const acc tc = load_t(c);
     if (teacher_is_logits) {
       const acc tsh = tc - t_max;
-      const acc e = exp_(tsh);
+      const acc e = exp_gpu(tsh);
       zt += e;
       cross += e * (tsh - sc);
     } else {
@@ -96,12 +96,12 @@ TPSWARP_HOST_DEVICE inline KLPixel<acc> kl_pixel_online_loaded(const LoadS& load
     const bool s_up = sc > s_max;
     const acc s_new = s_up ? sc : s_max;
     const acc ds = s_new - s_max;
-    const acc es = exp_(s_up ? s_max - sc : sc - s_max);
+    const acc es = exp_gpu(s_up ? s_max - sc : sc - s_max);
     zs = s_up ? zs * es + acc(1) : zs + es;
     if (teacher_is_logits) {
       const bool t_up = tc > t_max;
       const acc t_new = t_up ? tc : t_max;
-      const acc et = exp_(t_up ? t_max - tc : tc - t_max);
+      const acc et = exp_gpu(t_up ? t_max - tc : tc - t_max);
       cross += ds * zt;  // earlier terms: s'_c re-referenced to the new student max
       if (t_up) {        // ... and t'_c to the new teacher max
         cross = et * (cross - (t_new - t_max) * zt);
@@ -132,12 +132,12 @@ TPSWARP_HOST_DEVICE inline void kl_pixel_grad_loaded(const LoadS& load_s, const 
                                                      const StoreT& store_t) {
   for (int64_t c = 0; c < C; ++c) {
     const acc log_q = load_s(c) - st.s_max - st.log_zs;
-    const acc q = exp_(log_q);
+    const acc q = exp_gpu(log_q);
     const acc tc = load_t(c);
     acc p, log_p;
     if (teacher_is_logits) {
       log_p = tc - st.t_max - st.log_zt;
-      p = exp_(log_p);
+      p = exp_gpu(log_p);
     } else {
       p = tc;
       log_p = tc > 0 ? log_(tc) : acc(0);

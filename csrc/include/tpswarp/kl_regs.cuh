@@ -47,11 +47,11 @@ __device__ __forceinline__ KLPixel<acc> kl_pixel_regs(const acc (&s)[MAX_C], con
   for (int c = 0; c < MAX_C; ++c) {
     if (c < C) {
       const acc sc = s[c] - s_max;
-      zs += exp_(sc);
+      zs += exp_gpu(sc);
       const acc tc = t[c];
       if (teacher_is_logits) {
         const acc tsh = tc - t_max;
-        const acc e = exp_(tsh);
+        const acc e = exp_gpu(tsh);
         zt += e;
         cross += e * (tsh - sc);
       } else {

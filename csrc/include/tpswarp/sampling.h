@@ -105,25 +105,34 @@ template <typename acc> struct BilinearTap {
   int in00, in10, in01, in11;   // 1 if the tap is inside the image, else 0 (ints: CPU loops vectorize)
 };
 
+// A location outside [-1, size] has its four taps outside the image (all weights 0) whatever its
+// fraction, so the taps clamp it to [-2, size + 1] first; that keeps the int conversion defined (NaN
+// goes to -2: all taps outside, as in the reference). Tap indices are clamped into the image last.
+template <typename acc> TPSWARP_HOST_DEVICE TPSWARP_INLINE void clamp_tap_indices(BilinearTap<acc>& t, int x0, int y0,
+                                                                                 int w, int h) {
+  t.x0 = clamp_(x0, 0, w - 1);
+  t.x1 = clamp_(x0 + 1, 0, w - 1);
+  t.y0 = clamp_(y0, 0, h - 1);
+  t.y1 = clamp_(y0 + 1, 0, h - 1);
+}
+
+// bilinear_tap as the GPU computes it: the same values in fewer GPU instructions (floor is one
+// instruction there, an inside test one unsigned compare, and a weight is selected to 0 rather than
+// multiplied by its 0/1 mask; all factors are finite and >= 0, so the products are the same). The
+// GPU kernels get it through bilinear_tap; warp_pixel calls it directly, so that the CPU kernels of
+// the statistics ops test it on every machine.
 template <typename acc>
-TPSWARP_HOST_DEVICE TPSWARP_INLINE BilinearTap<acc> bilinear_tap(acc px, acc py, int64_t height, int64_t width) {
+TPSWARP_HOST_DEVICE TPSWARP_INLINE BilinearTap<acc> bilinear_tap_gpu_form(acc px, acc py, int64_t height, int64_t width) {
   BilinearTap<acc> t;
   const int w = static_cast<int>(width), h = static_cast<int>(height);
-  // A location outside [-1, size] has its four taps outside the image (all weights 0) whatever its
-  // fraction, so clamping to [-2, size + 1] changes nothing; it keeps the int conversion defined
-  // (NaN goes to -2: all taps outside, as in the reference).
   const acc cx = clamp_(px, acc(-2), acc(w + 1)), cy = clamp_(py, acc(-2), acc(h + 1));
-#ifdef __CUDA_ARCH__
-  // The same values in fewer instructions on the GPU: floor is one instruction there, and a weight is
-  // selected to 0 rather than multiplied by its 0/1 mask (all factors are finite and >= 0).
   const acc fx = floor_(cx), fy = floor_(cy);
   const int x0 = static_cast<int>(fx), y0 = static_cast<int>(fy);
-  const int x1 = x0 + 1, y1 = y0 + 1;
   t.wx1 = cx - fx;
   t.wy1 = cy - fy;
   const acc wx0 = acc(1) - t.wx1, wy0 = acc(1) - t.wy1;
-  const int ix0 = unsigned(x0) < unsigned(w), ix1 = unsigned(x1) < unsigned(w);
-  const int iy0 = unsigned(y0) < unsigned(h), iy1 = unsigned(y1) < unsigned(h);
+  const bool ix0 = unsigned(x0) < unsigned(w), ix1 = unsigned(x0 + 1) < unsigned(w);
+  const bool iy0 = unsigned(y0) < unsigned(h), iy1 = unsigned(y0 + 1) < unsigned(h);
   t.in00 = ix0 & iy0;
   t.in10 = ix1 & iy0;
   t.in01 = ix0 & iy1;
@@ -134,7 +143,18 @@ TPSWARP_HOST_DEVICE TPSWARP_INLINE BilinearTap<acc> bilinear_tap(acc px, acc py,
   t.w10 = mx1 * my0;
   t.w01 = mx0 * my1;
   t.w11 = mx1 * my1;
+  clamp_tap_indices(t, x0, y0, w, h);
+  return t;
+}
+
+template <typename acc>
+TPSWARP_HOST_DEVICE TPSWARP_INLINE BilinearTap<acc> bilinear_tap(acc px, acc py, int64_t height, int64_t width) {
+#ifdef __CUDA_ARCH__
+  return bilinear_tap_gpu_form(px, py, height, width);
 #else
+  BilinearTap<acc> t;
+  const int w = static_cast<int>(width), h = static_cast<int>(height);
+  const acc cx = clamp_(px, acc(-2), acc(w + 1)), cy = clamp_(py, acc(-2), acc(h + 1));
   const int x0 = floor_to_int(cx), y0 = floor_to_int(cy);
   const int x1 = x0 + 1, y1 = y0 + 1;
   t.wx1 = cx - static_cast<acc>(x0);
@@ -153,12 +173,9 @@ TPSWARP_HOST_DEVICE TPSWARP_INLINE BilinearTap<acc> bilinear_tap(acc px, acc py,
   t.w10 = t.wx1 * wy0 * static_cast<acc>(in10);
   t.w01 = wx0 * t.wy1 * static_cast<acc>(in01);
   t.w11 = t.wx1 * t.wy1 * static_cast<acc>(in11);
-#endif
-  t.x0 = clamp_(x0, 0, w - 1);
-  t.x1 = clamp_(x1, 0, w - 1);
-  t.y0 = clamp_(y0, 0, h - 1);
-  t.y1 = clamp_(y1, 0, h - 1);
+  clamp_tap_indices(t, x0, y0, w, h);
   return t;
+#endif
 }
 
 // The bilinear interpolation of one channel from its four tap values (element offsets o.. into

@@ -1,6 +1,7 @@
 // Per-pixel warp of warped_kl_div (size=None), shared by the CUDA kernels and the CPU kernels of the
 // statistics ops: the TPS map at output pixel (i, j), the pixel-centre hull test and the bilinear taps
-// into the teacher; and the layout of the statistics a forward keeps for the student's gradient.
+// into the teacher, in the GPU's forms (tps_eval_fast, bilinear_tap_gpu_form), so that the CPU tests
+// run them; and the layout of the statistics a forward keeps for the student's gradient.
 #pragma once
 
 #include "tpswarp/common.h"
@@ -34,7 +35,7 @@ TPSWARP_HOST_DEVICE TPSWARP_INLINE PixelWarp<acc> warp_pixel(const WarpedKlGeome
   w.px = normalized_to_pixel(f.x, g.Wt, g.align_corners);
   w.py = normalized_to_pixel(f.y, g.Ht, g.align_corners);
   w.valid = in_pixel_hull<acc>(f.x, f.y, g.Ht, g.Wt, g.align_corners);
-  w.tap = bilinear_tap<acc>(w.px, w.py, g.Ht, g.Wt);
+  w.tap = bilinear_tap_gpu_form<acc>(w.px, w.py, g.Ht, g.Wt);
   return w;
 }
 
