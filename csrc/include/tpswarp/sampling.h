@@ -244,11 +244,12 @@ TPSWARP_HOST_DEVICE TPSWARP_INLINE Vec2<acc> bilinear_sample_coord_grad(const sc
 }
 
 // A bilinear tap as four pointers into channel 0 of an image (strides sh, sw), formed once per pixel:
-// the tap offsets are not recomputed per channel. Read channel c with at(c * stride_c), or walk the
-// channels with value() and advance(stride_c) (on the GPU: 2 instructions per tap and channel, against
-// 4 for at() and for bilinear_sample). The value is sum_k w_k v_k, which equals bilinear_combine with
-// fill 0 (except that it keeps the sign of a -0 sum); a caller with a fill adds fill (1 - sum_k w_k)
-// itself (rest_weight).
+// the tap offsets are not recomputed per channel. Walk the channels with value() and advance(stride_c),
+// or read channel c with at(c * stride_c). On the GPU a tap's address then costs 2 instructions per
+// channel (a 64-bit add), against 4 for bilinear_sample; at() gets there where the compiler forms the
+// channel offset once as a uniform value (the warped KL class loops), not always (the tps_warp forward
+// walks). The value is sum_k w_k v_k, which equals bilinear_combine with fill 0 (except that it keeps the
+// sign of a -0 sum); a caller with a fill adds fill (1 - sum_k w_k) itself (rest_weight).
 template <typename scalar_t, typename acc> struct BilinearTapPointers {
   const scalar_t *p00, *p10, *p01, *p11;
   acc w00, w10, w01, w11;
@@ -259,7 +260,7 @@ template <typename scalar_t, typename acc> struct BilinearTapPointers {
         p01(image + (t.y1 * sh + t.x0 * sw)), p11(image + (t.y1 * sh + t.x1 * sw)),
         w00(t.w00), w10(t.w10), w01(t.w01), w11(t.w11) {}
   // The same with 32-bit offset arithmetic, for a plane whose offsets fit: the caller checks
-  // (H - 1) sh + (W - 1) sw <= INT_MAX (plane_offsets_fit_int). On the GPU, 4 x fewer instructions.
+  // (H - 1) sh + (W - 1) sw <= INT_MAX (plane_offsets_fit_int). On the GPU, half the instructions.
   TPSWARP_HOST_DEVICE TPSWARP_INLINE BilinearTapPointers(const scalar_t* image, int sh, int sw, const BilinearTap<acc>& t)
       : p00(image + (t.y0 * sh + t.x0 * sw)), p10(image + (t.y0 * sh + t.x1 * sw)),
         p01(image + (t.y1 * sh + t.x0 * sw)), p11(image + (t.y1 * sh + t.x1 * sw)),
