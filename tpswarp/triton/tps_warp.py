@@ -1,8 +1,9 @@
 """Triton kernels of ``tpswarp::tps_warp`` and its backward.
 
-One program handles ``BLOCK`` output pixels of one batch item: the TPS map is evaluated per
-pixel (the grid is never materialized), then the image is sampled (bilinear or nearest,
-padding zeros/border/reflection, ``fill`` outside) channel by channel through its strides.
+Forward: one program handles up to ``BLOCK`` output pixels of one row of one batch item: the TPS map
+is evaluated per pixel (the grid is never materialized), then the image is sampled (bilinear or
+nearest, padding zeros/border/reflection, ``fill`` outside) channel by channel through its strides.
+The backward's programs take ``BLOCK`` consecutive pixels of an item's flattened output.
 
 Backward:
 - w.r.t. ``params`` and ``src``: per-pixel coordinate gradients through the bilinear weights,
@@ -21,7 +22,7 @@ import triton.language as tl
 
 from .._backend import register_python_backend
 from ._utils import (INTERPRET, acc_dtype, cast_to, deterministic, device_guard, empty_like_format, hull_tolerances,
-                     in_hull, merged_pixels, normalized_to_pixel, pixel_offsets, pixel_to_normalized,
+                     in_hull, merged_pixels, next_pow2, normalized_to_pixel, pixel_offsets, pixel_to_normalized,
                      scatter_rows_deterministic, tl_dtype, tps_backward_partials, tps_eval, tps_param_grads)
 
 # Output pixels per program, one per thread (4 warps): the gathers and the contiguous loads and stores
@@ -90,20 +91,27 @@ def _tps_warp_fwd_kernel(
     img_ptr, src_ptr, par_ptr, out_ptr, valid_ptr, fill_ptr, hull_ptr,
     C, H, W, Ho, Wo, n,
     is_b, is_c, is_h, is_w, os_b, os_c, os_h, os_w,
-    NEAREST: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-    MERGED: tl.constexpr,
+    NEAREST: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    pm = offs < Ho * Wo
-    qx, qy, px_raw, py_raw = _coords(offs, b, Ho, Wo, H, W, src_ptr, par_ptr, n, ALIGN, ACC)
+    # A program takes a ROWS x BLOCK tile of the output (grid: column blocks, row blocks, items; ROWS = 1
+    # on the GPU up to 65535 rows; more under the interpreter, where each program costs Python calls):
+    # rows and columns come from the program and lane indices, not from dividing a flat pixel index.
+    b = tl.program_id(2).to(tl.int64)
+    i = tl.program_id(1) * ROWS + tl.arange(0, ROWS)[:, None]
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    pm = (i < Ho) & (j < Wo)
+    qy = pixel_to_normalized(i.to(ACC), Ho, ALIGN)
+    qx = tl.broadcast_to(pixel_to_normalized(j.to(ACC), Wo, ALIGN), (ROWS, BLOCK))
+    fx, fy = tps_eval(qx, qy, src_ptr + b * (2 * n), par_ptr + b * (2 * n + 6), n)
+    px_raw = normalized_to_pixel(fx, W, ALIGN)
+    py_raw = normalized_to_pixel(fy, H, ALIGN)
     valid = in_hull(px_raw, py_raw, W, H, hull_ptr)
-    tl.store(valid_ptr + b * Ho * Wo + offs, valid, mask=pm)
+    tl.store(valid_ptr + (b * Ho + i) * Wo + j, valid, mask=pm)
     px, _ = _source_coord(px_raw, W, PAD, ALIGN)
     py, _ = _source_coord(py_raw, H, PAD, ALIGN)
     ib = img_ptr + b * is_b
-    o_off = b * os_b + pixel_offsets(offs, Wo, os_h, os_w, MERGED)
+    o_off = b * os_b + i.to(tl.int64) * os_h + j * os_w
     ty = out_ptr.dtype.element_ty
     if NEAREST:
         fx = _round_half_even(px)
@@ -294,12 +302,17 @@ def tps_warp_forward(image, src, params, mode="bilinear", padding_mode="zeros", 
         return out.fill_(fill), valid
     nearest = mode == "nearest"
     fill_t = torch.full((1,), fill, dtype=image.dtype if nearest else ct, device=image.device)
+    # tiles of one row of at most BLOCK pixels on the GPU, narrower for narrow outputs (a warp per 32
+    # pixels), and as many rows as keep the row blocks within the grid's 65535; under the interpreter
+    # about BLOCK pixels in as many rows as fit
+    block = min(BLOCK, max(32, next_pow2(Wo)))
+    rows = min(BLOCK // block, next_pow2(Ho)) if INTERPRET else next_pow2(triton.cdiv(Ho, 65535))
     with device_guard(image):
-        _tps_warp_fwd_kernel[(triton.cdiv(Ho * Wo, BLOCK), B)](
+        _tps_warp_fwd_kernel[(triton.cdiv(Wo, block), triton.cdiv(Ho, rows), B)](
             image, src_c, par_c, out, valid, fill_t, hull_tolerances(H, W, ct, image.device),
             C, H, W, Ho, Wo, src.shape[1], *image.stride(), *out.stride(),
-            NEAREST=nearest, PAD=_PADDING[padding_mode], ALIGN=bool(align_corners), BLOCK=BLOCK, ACC=tl_dtype(ct),
-            MERGED=merged_pixels(out),
+            NEAREST=nearest, PAD=_PADDING[padding_mode], ALIGN=bool(align_corners), BLOCK=block, ROWS=rows,
+            ACC=tl_dtype(ct), num_warps=max(1, min(4, block // 32)),
         )
     return out, valid
 
