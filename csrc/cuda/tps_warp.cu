@@ -77,7 +77,7 @@ __device__ __forceinline__ void for_each_forward_pixel(const GeoArgs<acc>& g, Bo
   const int j = blockIdx.x * kTileW + threadIdx.x;
   if (j >= g.Wo) return;
   acc qx[ROWS], qy[ROWS];
-  const acc qxj = pixel_to_normalized<acc>(j, g.Wo, g.align_corners);
+  const acc qxj = pixel_to_normalized_gpu_form<acc>(j, g.Wo, g.align_corners);
   for (int64_t b = blockIdx.z; b < g.B; b += gridDim.z) {
     const acc* src = g.src + b * 2 * g.n;
     const acc* params = g.params + b * 2 * (g.n + 3);
@@ -85,7 +85,7 @@ __device__ __forceinline__ void for_each_forward_pixel(const GeoArgs<acc>& g, Bo
 #pragma unroll
       for (int k = 0; k < ROWS; ++k) {
         qx[k] = qxj;  // rows past the end repeat the last one, and are skipped below
-        qy[k] = pixel_to_normalized<acc>(min_<int64_t>(i0 + k * kTileH, Ho - 1), g.Ho, g.align_corners);
+        qy[k] = pixel_to_normalized_gpu_form<acc>(min_<int64_t>(i0 + k * kTileH, Ho - 1), g.Ho, g.align_corners);
       }
       Vec2<acc> f[ROWS];
       tps_eval_fast_points<ROWS>(qx, qy, src, params, n, f);

@@ -60,6 +60,8 @@ TPSWARP_HOST_DEVICE TPSWARP_INLINE float exp_gpu(float x) {
 TPSWARP_HOST_DEVICE TPSWARP_INLINE double exp_gpu(double x) { return exp(x); }
 TPSWARP_HOST_DEVICE TPSWARP_INLINE float log_(float x) { return logf(x); }
 TPSWARP_HOST_DEVICE TPSWARP_INLINE double log_(double x) { return log(x); }
+TPSWARP_HOST_DEVICE TPSWARP_INLINE float fma_(float a, float b, float c) { return fmaf(a, b, c); }
+TPSWARP_HOST_DEVICE TPSWARP_INLINE double fma_(double a, double b, double c) { return fma(a, b, c); }
 TPSWARP_HOST_DEVICE TPSWARP_INLINE float floor_(float x) { return floorf(x); }
 TPSWARP_HOST_DEVICE TPSWARP_INLINE double floor_(double x) { return floor(x); }
 TPSWARP_HOST_DEVICE TPSWARP_INLINE float abs_(float x) { return fabsf(x); }
