@@ -198,6 +198,7 @@ __global__ void __launch_bounds__(kThreads, NPTS == 0 && MAX_C == 0 && std::is_s
     const BilinearTapPointers<scalar_t, acc> taps(t + b * ts.b, ts.h, ts.w, w.tap);
     auto load_s = [&](int64_t c) { return static_cast<acc>(sp[c * ss.c]); };
     auto load_t = [&](int64_t c) { return taps.at(c * ts.c); };
+    [[maybe_unused]] const auto coefs = bilinear_coord_coefs(w.tap);  // for the coordinate gradient (kCoords)
     acc dpx = 0, dpy = 0;
     acc* gt_b = gt ? gt + b * g.C * g.Ht * g.Wt : nullptr;
     auto store_s = [&](int64_t c, acc v) { gsp[c * gss.c] = static_cast<scalar_t>(v); };
@@ -207,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, NPTS == 0 && MAX_C == 0 && std::is_s
         bilinear_scatter(w.tap, g.Wt, 1, v, [&](int64_t off, acc x) { atomicAdd(plane + off, x); });
       }
       if constexpr (kCoords) {
-        const auto d = taps.coord_at(c * ts.c, bilinear_coord_coefs(w.tap));
+        const auto d = taps.coord_at(c * ts.c, coefs);
         dpx += v * d.x;
         dpy += v * d.y;
       }

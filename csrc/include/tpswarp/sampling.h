@@ -224,14 +224,20 @@ TPSWARP_HOST_DEVICE TPSWARP_INLINE BilinearCoordCoefs<acc> bilinear_coord_coefs(
   return k;
 }
 
+// (d/dpx, d/dpy) from the four tap values (minus fill) and the coefficients above.
+template <typename acc>
+TPSWARP_HOST_DEVICE TPSWARP_INLINE Vec2<acc> bilinear_coord_dot(const BilinearCoordCoefs<acc>& k, acc v00, acc v10, acc v01,
+                                                                acc v11) {
+  return {k.x00 * v00 + k.x10 * v10 + k.x01 * v01 + k.x11 * v11, k.y00 * v00 + k.y10 * v10 + k.y01 * v01 + k.y11 * v11};
+}
+
 // (d/dpx, d/dpy) of one channel from its tap offsets o.. into `plane` and the coefficients above.
 template <typename scalar_t, typename acc>
 TPSWARP_HOST_DEVICE TPSWARP_INLINE Vec2<acc> bilinear_coord_combine(const scalar_t* plane, int64_t o00, int64_t o10,
                                                                     int64_t o01, int64_t o11,
                                                                     const BilinearCoordCoefs<acc>& k, acc fill) {
-  const acc v00 = static_cast<acc>(plane[o00]) - fill, v10 = static_cast<acc>(plane[o10]) - fill;
-  const acc v01 = static_cast<acc>(plane[o01]) - fill, v11 = static_cast<acc>(plane[o11]) - fill;
-  return {k.x00 * v00 + k.x10 * v10 + k.x01 * v01 + k.x11 * v11, k.y00 * v00 + k.y10 * v10 + k.y01 * v01 + k.y11 * v11};
+  return bilinear_coord_dot(k, static_cast<acc>(plane[o00]) - fill, static_cast<acc>(plane[o10]) - fill,
+                            static_cast<acc>(plane[o01]) - fill, static_cast<acc>(plane[o11]) - fill);
 }
 
 // d bilinear_sample / d (px, py) times the upstream gradient `g`, for one channel plane.
@@ -279,9 +285,8 @@ template <typename scalar_t, typename acc> struct BilinearTapPointers {
   }
   // (d/dpx, d/dpy) of at(off), from bilinear_coord_coefs of the tap (bilinear_coord_combine, fill 0).
   TPSWARP_HOST_DEVICE TPSWARP_INLINE Vec2<acc> coord_at(int64_t off, const BilinearCoordCoefs<acc>& k) const {
-    const acc v00 = static_cast<acc>(p00[off]), v10 = static_cast<acc>(p10[off]);
-    const acc v01 = static_cast<acc>(p01[off]), v11 = static_cast<acc>(p11[off]);
-    return {k.x00 * v00 + k.x10 * v10 + k.x01 * v01 + k.x11 * v11, k.y00 * v00 + k.y10 * v10 + k.y01 * v01 + k.y11 * v11};
+    return bilinear_coord_dot(k, static_cast<acc>(p00[off]), static_cast<acc>(p10[off]), static_cast<acc>(p01[off]),
+                              static_cast<acc>(p11[off]));
   }
   // 1 - sum_k w_k: the weight of `fill` (0 where all four taps are inside the image, up to rounding).
   TPSWARP_HOST_DEVICE TPSWARP_INLINE acc rest_weight() const { return acc(1) - ((w00 + w10) + (w01 + w11)); }
