@@ -209,7 +209,7 @@ template <typename acc>
 TPSWARP_HOST_DEVICE TPSWARP_INLINE acc pixel_to_normalized_gpu_form(int64_t i, int64_t size, bool align_corners) {
   if (align_corners && size <= 1) return acc(0);
   const acc d = static_cast<acc>(align_corners ? size - 1 : size);
-  const acc a = acc(2) * acc(i) + (align_corners ? acc(0) : acc(1));  // exact: i < 2^23
+  const acc a = acc(2) * acc(i) + (align_corners ? acc(0) : acc(1));  // rounded as the division form rounds it
   const acc y = acc(1) / d;
   const acc q0 = a * y;
   return fma_(fma_(-q0, d, a), y, q0) - acc(1);
